@@ -1,0 +1,149 @@
+use super::*;
+
+fn load(toml: &str) -> Result<Config, ConfigError> {
+    load_str(toml, HashMap::new())
+}
+
+fn problems(toml: &str) -> String {
+    match load(toml) {
+        Ok(_) => panic!("config was accepted:\n{toml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const MINIMAL: &str = r#"
+[[listener]]
+name = "a"
+bind = "127.0.0.1:18080"
+upstream = "u"
+
+[[upstream]]
+name = "u"
+endpoints = ["127.0.0.1:9000"]
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    assert!(c.listeners[0].client_keepalive);
+    let u = &c.upstreams[0];
+    assert_eq!(u.max_connections, defaults::MAX_CONNECTIONS);
+    assert_eq!(u.queue_timeout, defaults::QUEUE_TIMEOUT);
+    assert_eq!(u.host_header, HostHeader::Keep);
+    assert!(u.source_addresses.is_empty());
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = problems(&MINIMAL.replace("endpoints =", "max_conections = 3\nendpoints ="));
+    assert!(e.contains("max_conections"), "{e}");
+}
+
+#[test]
+fn bad_duration_is_named() {
+    let e = problems(&format!("{MINIMAL}queue_timeout = \"5 parsecs\"\n"));
+    assert!(e.contains("upstream[0].queue_timeout"), "{e}");
+    let e = problems(&format!("{MINIMAL}idle_timeout = \"0s\"\n"));
+    assert!(e.contains("upstream[0].idle_timeout: must be greater than zero"), "{e}");
+}
+
+#[test]
+fn bad_socket_address_is_named() {
+    let e = problems(&MINIMAL.replace("127.0.0.1:18080", "localhost:http"));
+    assert!(e.contains("listener[0].bind"), "{e}");
+}
+
+#[test]
+fn bad_endpoint_is_named() {
+    let e = problems(&MINIMAL.replace("127.0.0.1:9000", "no-port-here"));
+    assert!(e.contains("upstream[0].endpoints[0]"), "{e}");
+    let e = problems(&MINIMAL.replace("127.0.0.1:9000", "bad_host!:80"));
+    assert!(e.contains("upstream[0].endpoints[0]"), "{e}");
+}
+
+#[test]
+fn dns_and_v6_endpoints_parse() {
+    assert_eq!(
+        parse_endpoint("API.example.com:443").unwrap(),
+        EndpointAddr::Name {
+            host: "api.example.com".into(),
+            port: 443
+        }
+    );
+    assert_eq!(
+        parse_endpoint("[::1]:80").unwrap(),
+        EndpointAddr::Ip("[::1]:80".parse().unwrap())
+    );
+}
+
+#[test]
+fn missing_upstream_is_named() {
+    let e = problems(&MINIMAL.replace("upstream = \"u\"", "upstream = \"nope\""));
+    assert!(e.contains("listener[0].upstream: no [[upstream]] is named `nope`"), "{e}");
+}
+
+#[test]
+fn duplicate_names_and_binds_are_errors() {
+    let twice = format!(
+        "{MINIMAL}\n[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:18080\"\nupstream = \"u\"\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"127.0.0.1:9001\"]\n"
+    );
+    let e = problems(&twice);
+    assert!(e.contains("listener[1].name"), "{e}");
+    assert!(e.contains("listener[1].bind"), "{e}");
+    assert!(e.contains("upstream[1].name"), "{e}");
+}
+
+#[test]
+fn remote_bind_needs_allow_remote() {
+    let remote = MINIMAL.replace("127.0.0.1:18080", "0.0.0.0:18080");
+    let e = problems(&remote);
+    assert!(e.contains("listener[0].bind") && e.contains("allow_remote"), "{e}");
+    let allowed = remote.replace("upstream = \"u\"\n", "upstream = \"u\"\nallow_remote = true\n");
+    assert!(load(&allowed).is_ok());
+}
+
+#[test]
+fn bad_source_address_is_named() {
+    let e = problems(&format!("[egress]\nsource_addresses = [\"127.0.0.2\", \"nope\"]\n{MINIMAL}"));
+    assert!(e.contains("egress.source_addresses[1]"), "{e}");
+}
+
+#[test]
+fn upstream_sources_override_egress() {
+    let c = load(&format!(
+        "[egress]\nsource_addresses = [\"127.0.0.2\"]\n{MINIMAL}source_addresses = [\"::1\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.upstreams[0].source_addresses, vec!["::1".parse::<std::net::IpAddr>().unwrap()]);
+}
+
+#[test]
+fn unsupported_mode_is_named() {
+    let e = problems(&MINIMAL.replace("upstream = \"u\"\n", "upstream = \"u\"\nmode = \"smtp\"\n"));
+    assert!(e.contains("listener[0].mode"), "{e}");
+}
+
+#[test]
+fn env_overrides_file() {
+    let env = HashMap::from([
+        ("LOOPMUX__ADMIN__BIND".to_string(), "127.0.0.1:9999".to_string()),
+        (
+            "LOOPMUX__EGRESS__SOURCE_ADDRESSES".to_string(),
+            "127.0.0.5,127.0.0.6".to_string(),
+        ),
+        ("UNRELATED".to_string(), "x".to_string()),
+    ]);
+    let c = load_str(&format!("[admin]\nbind = \"127.0.0.1:9901\"\n{MINIMAL}"), env).unwrap();
+    assert_eq!(c.admin.unwrap().bind, "127.0.0.1:9999".parse().unwrap());
+    assert_eq!(c.upstreams[0].source_addresses.len(), 2);
+}
+
+#[test]
+fn fixed_host_header() {
+    let c = load(&format!("{MINIMAL}host_header = \"api.internal\"\n")).unwrap();
+    assert_eq!(
+        c.upstreams[0].host_header,
+        HostHeader::Fixed(http::HeaderValue::from_static("api.internal"))
+    );
+}

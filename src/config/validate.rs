@@ -1,0 +1,421 @@
+//! Turns a [`RawConfig`] into a checked [`Config`]: typed values, defaults,
+//! and cross-references. Every problem names the key it is about.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use super::raw::{RawConfig, RawListener, RawUpstream};
+
+/// One thing wrong with a config, tied to the key that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the key, e.g. `upstream[0].max_connections`.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// A validated configuration; every default is filled in here.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub mode: Mode,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub client_keepalive: bool,
+    pub header_timeout: Duration,
+    pub max_clients: usize,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+}
+
+/// Where an endpoint lives: a literal address, or a name re-resolved every
+/// `dns_refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointAddr::Ip(a) => write!(f, "{a}"),
+            EndpointAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostHeader {
+    /// Forward the client's `Host` unchanged.
+    Keep,
+    /// Replace `Host` with this value.
+    Fixed(HeaderValue),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub endpoints: Vec<EndpointAddr>,
+    pub protocol: Protocol,
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub queue_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub host_header: HostHeader,
+    /// Empty: let the kernel choose the source address.
+    pub source_addresses: Vec<IpAddr>,
+    pub dns_refresh: Duration,
+    pub failure_backoff: Duration,
+}
+
+/// Defaults, in one place so the README's reference can be checked against them.
+pub mod defaults {
+    use std::time::Duration;
+    pub const MAX_CONNECTIONS: usize = 8;
+    pub const MAX_PENDING: usize = 1024;
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const MAX_LIFETIME: Duration = Duration::from_secs(600);
+    pub const DNS_REFRESH: Duration = Duration::from_secs(30);
+    pub const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const MAX_CLIENTS: usize = 10_000;
+    pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn fail(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn duration(&mut self, key: String, raw: Option<&str>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.fail(key, "must be greater than zero");
+                default
+            }
+            Err(e) => {
+                self.fail(
+                    key,
+                    format!("`{raw}` is not a duration ({e}); write e.g. \"250ms\", \"5s\", \"10m\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, key: String, raw: Option<usize>, default: usize, min: usize) -> usize {
+        match raw {
+            None => default,
+            Some(n) if n >= min => n,
+            Some(n) => {
+                self.fail(key, format!("{n} is too small; the minimum is {min}"));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: String, raw: &str) -> Option<SocketAddr> {
+        match raw.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.fail(
+                    key,
+                    format!("`{raw}` is not a socket address; write \"127.0.0.1:8080\" or \"[::1]:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn ips(&mut self, key: &str, raw: &[String]) -> Vec<IpAddr> {
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            match s.trim().parse::<IpAddr>() {
+                Ok(ip) if out.contains(&ip) => {
+                    self.fail(format!("{key}[{i}]"), format!("`{ip}` is listed twice"))
+                }
+                Ok(ip) => out.push(ip),
+                Err(_) => self.fail(format!("{key}[{i}]"), format!("`{s}` is not an IP address")),
+            }
+        }
+        out
+    }
+}
+
+/// Parses `host:port`, `ip:port` or `[v6]:port`.
+pub fn parse_endpoint(raw: &str) -> Result<EndpointAddr, String> {
+    let raw = raw.trim();
+    if let Ok(a) = raw.parse::<SocketAddr>() {
+        return Ok(EndpointAddr::Ip(a));
+    }
+    let (host, port) = raw
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{raw}` has no port; write host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` in `{raw}` is not a port number"))?;
+    if port == 0 {
+        return Err(format!("port 0 in `{raw}` cannot be dialed"));
+    }
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid_host {
+        return Err(format!("`{host}` in `{raw}` is neither an IP address nor a DNS name"));
+    }
+    Ok(EndpointAddr::Name {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// Checks `raw` and returns the typed config, or every problem found.
+///
+/// # Errors
+/// One [`Problem`] per bad key, in file order.
+pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker { problems: Vec::new() };
+
+    let admin = raw.admin.as_ref().and_then(|a| {
+        let bind = c.socket_addr("admin.bind".into(), a.bind.as_deref().unwrap_or("127.0.0.1:9901"))?;
+        if !bind.ip().is_loopback() && !a.allow_remote.unwrap_or(false) {
+            c.fail(
+                "admin.bind",
+                format!("{bind} is not a loopback address; set admin.allow_remote = true to expose it"),
+            );
+        }
+        Some(AdminConfig { bind })
+    });
+
+    if let Some(serve) = &raw.serve {
+        if serve.bind.is_some() || serve.tls.is_some() || serve.allow.is_some() {
+            c.fail("serve", "the serve role (far end of tunnel mode) is not available in this version");
+        }
+    }
+
+    let egress_sources = c.ips("egress.source_addresses", &raw.egress.source_addresses);
+
+    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+    let mut names = HashSet::new();
+    for (i, u) in raw.upstreams.iter().enumerate() {
+        if let Some(up) = upstream(&mut c, i, u, &egress_sources) {
+            if !names.insert(up.name.clone()) {
+                c.fail(format!("upstream[{i}].name"), format!("`{}` is used by another upstream", up.name));
+            }
+            upstreams.push(up);
+        }
+    }
+
+    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    let mut lnames = HashSet::new();
+    let mut binds = HashSet::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        if let Some(lc) = listener(&mut c, i, l, &upstreams) {
+            if !lnames.insert(lc.name.clone()) {
+                c.fail(format!("listener[{i}].name"), format!("`{}` is used by another listener", lc.name));
+            }
+            if !binds.insert(lc.bind) {
+                c.fail(format!("listener[{i}].bind"), format!("{} is bound by another listener", lc.bind));
+            }
+            listeners.push(lc);
+        }
+    }
+    if let Some(a) = &admin {
+        if binds.contains(&a.bind) {
+            c.fail("admin.bind", format!("{} is also a listener's bind", a.bind));
+        }
+    }
+
+    if c.problems.is_empty() {
+        Ok(Config {
+            admin,
+            listeners,
+            upstreams,
+        })
+    } else {
+        Err(c.problems)
+    }
+}
+
+fn required<'a>(c: &mut Checker, key: String, v: Option<&'a String>) -> Option<&'a str> {
+    match v.map(|s| s.trim()) {
+        Some(s) if !s.is_empty() => Some(s),
+        _ => {
+            c.fail(key, "is required");
+            None
+        }
+    }
+}
+
+fn upstream(c: &mut Checker, i: usize, u: &RawUpstream, egress: &[IpAddr]) -> Option<UpstreamConfig> {
+    let k = |field: &str| format!("upstream[{i}].{field}");
+    let name = required(c, k("name"), u.name.as_ref())?.to_string();
+
+    if u.endpoints.is_empty() {
+        c.fail(k("endpoints"), "needs at least one host:port");
+    }
+    let mut endpoints = Vec::with_capacity(u.endpoints.len());
+    for (j, e) in u.endpoints.iter().enumerate() {
+        match parse_endpoint(e) {
+            Ok(ep) if endpoints.contains(&ep) => c.fail(format!("{}[{j}]", k("endpoints")), format!("`{ep}` is listed twice")),
+            Ok(ep) => endpoints.push(ep),
+            Err(reason) => c.fail(format!("{}[{j}]", k("endpoints")), reason),
+        }
+    }
+
+    let protocol = match u.protocol.as_deref().map(str::trim) {
+        None | Some("http1") => Protocol::Http1,
+        Some(p @ ("http2" | "auto")) => {
+            c.fail(k("protocol"), format!("`{p}` is not available in this version; use \"http1\""));
+            Protocol::Http1
+        }
+        Some(p) => {
+            c.fail(k("protocol"), format!("`{p}` is not one of http1, http2, auto"));
+            Protocol::Http1
+        }
+    };
+    if u.tls.is_some() {
+        c.fail(k("tls"), "TLS toward upstreams is not available in this version");
+    }
+
+    let host_header = match u.host_header.as_deref() {
+        None | Some("keep") => HostHeader::Keep,
+        Some(v) => match HeaderValue::from_str(v.trim()) {
+            Ok(hv) if !v.trim().is_empty() => HostHeader::Fixed(hv),
+            _ => {
+                c.fail(k("host_header"), format!("`{v}` is not a valid Host header value"));
+                HostHeader::Keep
+            }
+        },
+    };
+
+    let source_addresses = match &u.source_addresses {
+        Some(list) => c.ips(&k("source_addresses"), list),
+        None => egress.to_vec(),
+    };
+
+    Some(UpstreamConfig {
+        name,
+        endpoints,
+        protocol,
+        max_connections: c.count(k("max_connections"), u.max_connections, defaults::MAX_CONNECTIONS, 1),
+        max_pending: c.count(k("max_pending"), u.max_pending, defaults::MAX_PENDING, 0),
+        queue_timeout: c.duration(k("queue_timeout"), u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
+        connect_timeout: c.duration(k("connect_timeout"), u.connect_timeout.as_deref(), defaults::CONNECT_TIMEOUT),
+        request_timeout: c.duration(k("request_timeout"), u.request_timeout.as_deref(), defaults::REQUEST_TIMEOUT),
+        idle_timeout: c.duration(k("idle_timeout"), u.idle_timeout.as_deref(), defaults::IDLE_TIMEOUT),
+        max_lifetime: c.duration(k("max_lifetime"), u.max_lifetime.as_deref(), defaults::MAX_LIFETIME),
+        host_header,
+        source_addresses,
+        dns_refresh: c.duration(k("dns_refresh"), u.dns_refresh.as_deref(), defaults::DNS_REFRESH),
+        failure_backoff: c.duration(k("failure_backoff"), u.failure_backoff.as_deref(), defaults::FAILURE_BACKOFF),
+    })
+}
+
+fn listener(c: &mut Checker, i: usize, l: &RawListener, upstreams: &[UpstreamConfig]) -> Option<ListenerConfig> {
+    let k = |field: &str| format!("listener[{i}].{field}");
+    let name = required(c, k("name"), l.name.as_ref())?.to_string();
+    let bind = required(c, k("bind"), l.bind.as_ref()).and_then(|b| c.socket_addr(k("bind"), b));
+    if let Some(b) = bind {
+        if !b.ip().is_loopback() && !l.allow_remote.unwrap_or(false) {
+            c.fail(
+                k("bind"),
+                format!("{b} is not a loopback address; set allow_remote = true on this listener to accept remote clients"),
+            );
+        }
+    }
+    let mode = match l.mode.as_deref().map(str::trim) {
+        None | Some("http") => Some(Mode::Http),
+        Some(m @ ("forward" | "tcp" | "tunnel")) => {
+            c.fail(k("mode"), format!("`{m}` is not available in this version; use \"http\""));
+            None
+        }
+        Some(m) => {
+            c.fail(k("mode"), format!("`{m}` is not one of http, forward, tcp, tunnel"));
+            None
+        }
+    };
+    if l.target.is_some() {
+        c.fail(k("target"), "only applies to mode = \"tunnel\"");
+    }
+    if l.allow.is_some() {
+        c.fail(k("allow"), "only applies to mode = \"forward\"");
+    }
+    let upstream = match l.upstream.as_deref().map(str::trim) {
+        None | Some("") => {
+            c.fail(k("upstream"), "is required for mode = \"http\"");
+            None
+        }
+        Some(u) => match upstreams.iter().position(|up| up.name == u) {
+            Some(idx) => Some(idx),
+            None => {
+                c.fail(k("upstream"), format!("no [[upstream]] is named `{u}`"));
+                None
+            }
+        },
+    };
+    let header_timeout = c.duration(k("header_timeout"), l.header_timeout.as_deref(), defaults::HEADER_TIMEOUT);
+    let max_clients = c.count(k("max_clients"), l.max_clients, defaults::MAX_CLIENTS, 1);
+    // hyper refuses a header buffer below 8 KiB.
+    let max_header_bytes = c.count(k("max_header_bytes"), l.max_header_bytes, defaults::MAX_HEADER_BYTES, 1024);
+    Some(ListenerConfig {
+        name,
+        bind: bind?,
+        mode: mode?,
+        upstream: upstream?,
+        client_keepalive: l.client_keepalive.unwrap_or(true),
+        header_timeout,
+        max_clients,
+        max_header_bytes,
+    })
+}

@@ -1,0 +1,6 @@
+//! loopmux: a local egress proxy that carries connection-per-request traffic
+//! over a small, bounded set of long-lived upstream connections.
+//!
+//! See `DESIGN.md` in the shared folder for the contract between modules.
+
+pub mod config;
