@@ -4,3 +4,4 @@
 //! See `DESIGN.md` in the shared folder for the contract between modules.
 
 pub mod config;
+pub mod upstream;

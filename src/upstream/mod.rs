@@ -1,0 +1,3 @@
+//! Everything on the upstream side: dialing, pooling, balancing.
+
+pub mod dialer;
