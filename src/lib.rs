@@ -3,5 +3,9 @@
 //!
 //! See `DESIGN.md` in the shared folder for the contract between modules.
 
+pub mod app;
 pub mod config;
+pub mod http;
+pub mod listener;
+pub mod shutdown;
 pub mod upstream;

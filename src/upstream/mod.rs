@@ -1,4 +1,197 @@
 //! Everything on the upstream side: dialing, pooling, balancing.
+//!
+//! An [`Upstream`] owns one pool per resolved endpoint address, a shared
+//! [`Dialer`], and the balancing state. Endpoint sets are swapped whole
+//! (DNS refresh), so a request never holds a lock while it waits.
 
+pub mod conn;
 pub mod dialer;
 pub mod pool;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Instant;
+
+use crate::config::{EndpointAddr, UpstreamConfig};
+use conn::H1Conn;
+use dialer::Dialer;
+use pool::{Pool, PoolConfig};
+
+/// One resolved address of an upstream, with its pool.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub pool: Pool<H1Conn>,
+    in_flight: AtomicUsize,
+    failed_until_ms: AtomicU64,
+}
+
+impl Endpoint {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request against its endpoint until dropped (least in-flight
+/// balancing).
+pub struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Upstream {
+    pub cfg: UpstreamConfig,
+    pub dialer: Arc<Dialer>,
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    rr: AtomicUsize,
+    epoch: Instant,
+}
+
+impl Upstream {
+    /// Resolves the endpoints once and starts the pools' reapers and, for
+    /// DNS names, the refresh task. A name that does not resolve now is
+    /// logged and retried every `dns_refresh`.
+    pub async fn start(cfg: UpstreamConfig) -> Arc<Self> {
+        let dialer = Arc::new(Dialer::new(&cfg.source_addresses, cfg.connect_timeout, cfg.failure_backoff));
+        let up = Arc::new(Upstream {
+            dialer,
+            endpoints: RwLock::new(Arc::new(Vec::new())),
+            rr: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            cfg,
+        });
+        up.refresh().await;
+        if up.cfg.endpoints.iter().any(|e| matches!(e, EndpointAddr::Name { .. })) {
+            let weak = Arc::downgrade(&up);
+            let period = up.cfg.dns_refresh;
+            tokio::spawn(refresh_loop(weak, period));
+        }
+        up
+    }
+
+    fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            max_connections: self.cfg.max_connections,
+            max_pending: self.cfg.max_pending,
+            queue_timeout: self.cfg.queue_timeout,
+            idle_timeout: self.cfg.idle_timeout,
+            max_lifetime: self.cfg.max_lifetime,
+        }
+    }
+
+    /// The current endpoint set.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-resolves every endpoint: new addresses get pools, vanished ones
+    /// are retired (their connections close as they come back).
+    pub async fn refresh(&self) {
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for ep in &self.cfg.endpoints {
+            match ep {
+                EndpointAddr::Ip(a) => addrs.push(*a),
+                EndpointAddr::Name { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(found) => addrs.extend(found),
+                    Err(e) => {
+                        tracing::warn!(upstream = %self.cfg.name, endpoint = %ep, error = %e, "cannot resolve endpoint; keeping its previous addresses");
+                        let current = self.endpoints();
+                        addrs.extend(current.iter().map(|e| e.addr).filter(|a| a.port() == *port));
+                    }
+                },
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(*a));
+
+        let old = self.endpoints();
+        let mut next = Vec::with_capacity(addrs.len());
+        for a in &addrs {
+            match old.iter().find(|e| e.addr == *a) {
+                Some(e) => next.push(e.clone()),
+                None => {
+                    let pool = Pool::new(self.pool_config());
+                    pool.spawn_reaper();
+                    tracing::debug!(upstream = %self.cfg.name, endpoint = %a, "endpoint added");
+                    next.push(Arc::new(Endpoint {
+                        addr: *a,
+                        pool,
+                        in_flight: AtomicUsize::new(0),
+                        failed_until_ms: AtomicU64::new(0),
+                    }));
+                }
+            }
+        }
+        for e in old.iter().filter(|e| !addrs.contains(&e.addr)) {
+            tracing::info!(upstream = %self.cfg.name, endpoint = %e.addr, "endpoint vanished from DNS; draining it");
+            e.pool.retire();
+        }
+        *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Least in-flight among endpoints not in back-off (round-robin among
+    /// equals); if all are backing off, least in-flight of all.
+    pub fn pick(&self) -> Option<InFlight> {
+        let eps = self.endpoints();
+        let n = eps.len();
+        if n == 0 {
+            return None;
+        }
+        let start = if n > 1 { self.rr.fetch_add(1, Ordering::Relaxed) } else { 0 };
+        let now = self.now_ms();
+        let mut best: Option<(bool, usize, usize)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let e = &eps[i];
+            let healthy = e.failed_until_ms.load(Ordering::Relaxed) <= now;
+            let load = e.in_flight();
+            let better = match best {
+                None => true,
+                Some((bh, bl, _)) => (healthy && !bh) || (healthy == bh && load < bl),
+            };
+            if better {
+                best = Some((healthy, load, i));
+            }
+        }
+        let (_, _, i) = best?;
+        let e = eps[i].clone();
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(e))
+    }
+
+    /// Avoid `ep` for `failure_backoff` (it refused, timed out or reset).
+    pub fn mark_failed(&self, ep: &Endpoint) {
+        let until = self.now_ms() + self.cfg.failure_backoff.as_millis() as u64;
+        ep.failed_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    pub fn mark_ok(&self, ep: &Endpoint) {
+        if ep.failed_until_ms.load(Ordering::Relaxed) != 0 {
+            ep.failed_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn refresh_loop(weak: Weak<Upstream>, period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(up) = weak.upgrade() else { return };
+        up.refresh().await;
+    }
+}

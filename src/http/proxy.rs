@@ -1,0 +1,176 @@
+//! The `http` mode's request path: one client request in, one upstream
+//! request out over a pooled connection, response streamed back.
+
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::{Method, Request, Response, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+
+use super::error::ProxyError;
+use super::headers;
+use super::RespBody;
+use crate::config::HostHeader;
+use crate::upstream::conn::{self, ReqBody};
+use crate::upstream::pool::Acquired;
+use crate::upstream::Upstream;
+
+/// Forwards requests of one listener to its upstream. Shared by all of the
+/// listener's connections.
+pub struct Proxy {
+    pub listener: String,
+    pub upstream: Arc<Upstream>,
+    fixed_host: Option<HeaderValue>,
+}
+
+/// RFC 9110 §9.2.2: safe to repeat.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl Proxy {
+    pub fn new(listener: String, upstream: Arc<Upstream>) -> Self {
+        let fixed_host = match &upstream.cfg.host_header {
+            HostHeader::Keep => None,
+            HostHeader::Fixed(v) => Some(v.clone()),
+        };
+        Proxy {
+            listener,
+            upstream,
+            fixed_host,
+        }
+    }
+
+    /// Never fails: every error becomes a response.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
+        let started = tokio::time::Instant::now();
+        let method = req.method().clone();
+        match self.forward(req).await {
+            Ok(resp) => {
+                tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
+                resp
+            }
+            Err(e) => {
+                tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
+                e.into_response(&self.upstream.cfg.name)
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<RespBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+        }
+        // Absolute-form targets (`GET http://host/path`) are sent on in
+        // origin-form; their authority becomes the Host if none is given.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            if let Some(auth) = parts.uri.authority() {
+                if !parts.headers.contains_key(http::header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                        parts.headers.insert(http::header::HOST, v);
+                    }
+                }
+            }
+            let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            parts.uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
+        }
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::strip_expect(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+
+        // Only requests that can be replayed keep a copy of their head.
+        let replay = (idempotent(&parts.method) && body.is_end_stream())
+            .then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
+        let mut req = Some(Request::from_parts(parts, Either::Left(body)));
+        let mut replay = replay;
+        let mut fresh = false;
+        let up = &*self.upstream;
+
+        loop {
+            let in_flight = up.pick().ok_or(ProxyError::NoEndpoint)?;
+            let ep = in_flight.endpoint().clone();
+            let acquired = if fresh { ep.pool.checkout_fresh().await } else { ep.pool.checkout().await };
+            let mut conn = match acquired.map_err(|source| ProxyError::Pool {
+                endpoint: ep.addr,
+                source,
+            })? {
+                Acquired::Reused(c) => c,
+                Acquired::Dial(slot) => match conn::open(&ep, &up.dialer, slot).await {
+                    Ok(c) => {
+                        up.mark_ok(&ep);
+                        c
+                    }
+                    Err(e) => {
+                        up.mark_failed(&ep);
+                        return Err(e.into());
+                    }
+                },
+            };
+            let mut r = req.take().expect("a request is present at each attempt");
+            let fixed = self.fixed_host.as_ref();
+            headers::set_host(r.headers_mut(), fixed, || HeaderValue::from_str(&ep.addr.to_string()).ok());
+            let reused = conn.is_reused();
+            let local = conn.local;
+            let sent = tokio::time::timeout(up.cfg.request_timeout, conn.send.try_send_request(r)).await;
+            match sent {
+                Err(_) => {
+                    // hyper closes a connection whose request future is dropped.
+                    conn.discard();
+                    return Err(ProxyError::Timeout {
+                        endpoint: ep.addr,
+                        timeout: up.cfg.request_timeout,
+                    });
+                }
+                Ok(Ok(resp)) => {
+                    // The connection is busy until hyper has read the whole
+                    // response body; it goes back to the pool when ready.
+                    tokio::spawn(async move {
+                        let _in_flight = in_flight;
+                        if conn.send.ready().await.is_err() {
+                            conn.discard();
+                        }
+                    });
+                    let (mut parts, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut parts.headers);
+                    // Our side speaks 1.1 (hyper answers 1.0 clients in 1.0).
+                    parts.version = Version::HTTP_11;
+                    return Ok(Response::from_parts(parts, Either::Left(body)));
+                }
+                Ok(Err(mut e)) => {
+                    conn.discard();
+                    if reused && !fresh {
+                        // Not written at all: always safe to send again.
+                        if let Some(back) = e.take_message() {
+                            tracing::debug!(endpoint = %ep.addr, "reused connection was closed before the request was written; retrying on a fresh one");
+                            req = Some(back);
+                            fresh = true;
+                            continue;
+                        }
+                        // Possibly written: only an idempotent, bodiless request.
+                        if let Some((m, u, h)) = replay.take() {
+                            tracing::debug!(endpoint = %ep.addr, error = %e.error(), "reused connection failed; replaying idempotent request on a fresh one");
+                            let mut again = Request::new(ReqBody::Right(Empty::new()));
+                            *again.method_mut() = m;
+                            *again.uri_mut() = u;
+                            *again.headers_mut() = h;
+                            req = Some(again);
+                            fresh = true;
+                            continue;
+                        }
+                    }
+                    return Err(ProxyError::Upstream {
+                        endpoint: ep.addr,
+                        local,
+                        source: e.into_error(),
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The `loopmux` command: parse, load config, hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a config that cannot be used (sysexits EX_USAGE... EX_CONFIG is 78;
+/// we follow the house rule: 64).
+const EXIT_BAD_CONFIG: u8 = 64;
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "loopmux", version, about = "Local egress proxy: many short client connections in, a few long-lived upstream connections out. Ends EADDRNOTAVAIL from ephemeral-port exhaustion.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run until SIGTERM or SIGINT (in-flight requests drain first).
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0, or 64 with each bad key and why.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Check { config } => match loopmux::config::load_file(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listeners, {} upstreams)",
+                    config.display(),
+                    c.listeners.len(),
+                    c.upstreams.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: invalid config:\n{e}", config.display());
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Cmd::Run { config } => run(&config),
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let cfg = match loopmux::config::load_file(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: invalid config:\n{e}", path.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let bound = match loopmux::app::bind_all(&cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    rt.block_on(async move {
+        let app = match loopmux::app::App::start(cfg, bound).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        match loopmux::shutdown::stop_signal().await {
+            Ok(sig) => tracing::info!(signal = sig, "stopping: draining in-flight requests"),
+            Err(e) => {
+                eprintln!("cannot install signal handlers: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+        let clean = app.stop(loopmux::app::DEFAULT_DRAIN_TIMEOUT).await;
+        tracing::info!(clean, "stopped");
+        ExitCode::SUCCESS
+    })
+}
