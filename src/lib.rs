@@ -9,3 +9,6 @@ pub mod http;
 pub mod listener;
 pub mod shutdown;
 pub mod upstream;
+pub mod origin;
+pub mod diagnose;
+pub mod load;

@@ -91,6 +91,9 @@ impl Proxy {
         let mut replay = replay;
         let mut fresh = false;
         let up = &*self.upstream;
+        // Nothing was sent when a dial fails, so another endpoint may be
+        // tried; the failed one is in back-off and will not be picked again.
+        let mut dial_retries = up.endpoints().len().saturating_sub(1).min(2);
 
         loop {
             let in_flight = up.pick().ok_or(ProxyError::NoEndpoint)?;
@@ -108,6 +111,11 @@ impl Proxy {
                     }
                     Err(e) => {
                         up.mark_failed(&ep);
+                        if dial_retries > 0 {
+                            dial_retries -= 1;
+                            tracing::debug!(endpoint = %ep.addr, error = %e, "dial failed; trying another endpoint");
+                            continue;
+                        }
                         return Err(e.into());
                     }
                 },

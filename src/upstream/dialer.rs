@@ -261,7 +261,7 @@ fn finish(stream: TcpStream, source: Option<usize>) -> Dialed {
 /// Sets `IP_BIND_ADDRESS_NO_PORT`, which socket2 has no setter for. Without
 /// it, `bind(ip, 0)` reserves a port per socket across all destinations and
 /// the pool of sources would exhaust itself.
-fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
+pub fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: a valid fd owned by `sock`, and a c_int-sized option value.
     let rc = unsafe {
