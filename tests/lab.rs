@@ -1,0 +1,241 @@
+//! The exhaustion lab (DESIGN §7): two network namespaces joined by a veth
+//! pair, the client side with a 1,000-port ephemeral range. Direct short
+//! connections run out of ports; the same load through loopmux does not.
+//!
+//! Needs root and iproute2. Without them it says it skipped and why, unless
+//! `LOOPMUX_LAB_REQUIRED=1` (set by .ci/run), where it fails instead.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use loopmux::diagnose::{count_toward, read_sockets, TIME_WAIT};
+use loopmux::load::{self, Closer, LoadSpec};
+
+const CLIENT_IPS: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
+const SERVER_IP: &str = "198.18.0.2";
+const PORT_RANGE: &str = "40000 40999";
+const MAX_CONNECTIONS: usize = 4;
+const THROUGH_REQUESTS: usize = 20_000;
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// The two namespaces; removed on drop, also when an assertion failed.
+struct Lab {
+    cli: String,
+    srv: String,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with
+        // it the other end.
+        let _ = ip(&["netns", "del", &self.cli]);
+        let _ = ip(&["netns", "del", &self.srv]);
+    }
+}
+
+impl Lab {
+    fn build() -> Result<Lab, String> {
+        let id = std::process::id();
+        let lab = Lab {
+            cli: format!("lmx-cli-{id}"),
+            srv: format!("lmx-srv-{id}"),
+        };
+        let (vc, vs) = (format!("lmxc{id}"), format!("lmxs{id}"));
+        ip(&["netns", "add", &lab.cli])?;
+        ip(&["netns", "add", &lab.srv])?;
+        ip(&["link", "add", &vc, "netns", &lab.cli, "type", "veth", "peer", "name", &vs, "netns", &lab.srv])?;
+        for ns in [&lab.cli, &lab.srv] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        for a in CLIENT_IPS {
+            ip(&["-n", &lab.cli, "addr", "add", &format!("{a}/24"), "dev", &vc])?;
+        }
+        ip(&["-n", &lab.srv, "addr", "add", &format!("{SERVER_IP}/24"), "dev", &vs])?;
+        ip(&["-n", &lab.cli, "link", "set", &vc, "up"])?;
+        ip(&["-n", &lab.srv, "link", "set", &vs, "up"])?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.cli, "sysctl", "-q", "-w"])
+            .arg(format!("net.ipv4.ip_local_port_range={PORT_RANGE}"))
+            .output()
+            .map_err(|e| format!("sysctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("sysctl: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(lab)
+    }
+}
+
+/// Runs `f` on a new thread inside namespace `ns`, with its own runtime.
+/// Sockets created there (and by runtime threads it spawns) live in `ns`.
+fn in_netns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn why_not() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("it needs root to create network namespaces".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("iproute2 (`ip`) is not installed".into());
+    }
+    None
+}
+
+struct Figures {
+    direct: load::LoadReport,
+    through: load::LoadReport,
+    failover: load::LoadReport,
+    upstream_accepted: u64,
+    upstream_peak: usize,
+    time_wait_toward_upstream: usize,
+    source0_eaddrnotavail: u64,
+}
+
+#[test]
+fn exhaustion_lab() {
+    if let Some(why) = why_not() {
+        if std::env::var("LOOPMUX_LAB_REQUIRED").as_deref() == Ok("1") {
+            panic!("LOOPMUX_LAB_REQUIRED=1 but the lab cannot run: {why}");
+        }
+        eprintln!("SKIPPED exhaustion_lab: {why}. Run as root (CI does) to run it.");
+        return;
+    }
+    let lab = match Lab::build() {
+        Ok(l) => l,
+        Err(e) => panic!("cannot build the lab's namespaces: {e}"),
+    };
+
+    // Server namespace: two origins, one for direct load, one behind loopmux,
+    // so the direct phase's TIME_WAIT does not blur the loopmux count.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = in_netns(&lab.srv, move || {
+        let rt = runtime();
+        rt.block_on(async move {
+            let ip: IpAddr = SERVER_IP.parse().unwrap();
+            let direct = loopmux::origin::Origin::start(SocketAddr::new(ip, 9000)).await.unwrap();
+            let behind = loopmux::origin::Origin::start(SocketAddr::new(ip, 9001)).await.unwrap();
+            ready_tx.send((direct.addr, behind.addr, behind.stats.clone())).unwrap();
+            // Wait for the test to finish without blocking the runtime.
+            let _ = tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(600))).await;
+        });
+    });
+    let (direct_addr, behind_addr, behind_stats) = ready_rx.recv_timeout(Duration::from_secs(30)).expect("origins started");
+
+    let cli = lab.cli.clone();
+    let result = in_netns(&cli, move || {
+        let rt = runtime();
+        rt.block_on(async move {
+            // 1. Direct: the client closes first; ports run out.
+            let mut spec = LoadSpec::new(direct_addr, 3_000, 16, Closer::Client);
+            spec.source = Some(CLIENT_IPS[0].parse().unwrap());
+            spec.deadline = Duration::from_secs(60);
+            let direct = load::run(spec).await;
+
+            // 2. Through loopmux: loopmux closes first on loopback, reuses
+            //    at most MAX_CONNECTIONS upstream connections.
+            let toml = format!(
+                "[egress]\nsource_addresses = [\"{}\", \"{}\"]\n\n\
+                 [[listener]]\nname = \"lab\"\nbind = \"127.0.0.1:0\"\nupstream = \"behind\"\nclient_keepalive = false\n\n\
+                 [[listener]]\nname = \"exhausted\"\nbind = \"127.0.0.1:1\"\nupstream = \"direct\"\nclient_keepalive = false\n\n\
+                 [[upstream]]\nname = \"behind\"\nendpoints = [\"{behind_addr}\"]\nmax_connections = {MAX_CONNECTIONS}\n\n\
+                 [[upstream]]\nname = \"direct\"\nendpoints = [\"{direct_addr}\"]\nmax_connections = {MAX_CONNECTIONS}\n",
+                CLIENT_IPS[0], CLIENT_IPS[1]
+            );
+            // Port 1 is a placeholder that must differ from the first bind.
+            let toml = toml.replace("127.0.0.1:1\"", "127.0.0.2:0\"");
+            let (app, _) = support::start(&toml).await;
+            let (lab_addr, exhausted_addr) = (app.local_addrs[0], app.local_addrs[1]);
+            let through = load::run(LoadSpec::new(lab_addr, THROUGH_REQUESTS, 16, Closer::Server)).await;
+
+            // 3. Failover: toward the origin whose ports the direct phase
+            //    used up from the first source, loopmux moves to the second.
+            let failover = load::run(LoadSpec::new(exhausted_addr, 200, 4, Closer::Server)).await;
+            let source0_eaddrnotavail = app.upstreams[1].dialer.sources()[0]
+                .addr_not_avail
+                .load(std::sync::atomic::Ordering::Relaxed);
+
+            let sockets = read_sockets().unwrap();
+            let time_wait_toward_upstream = count_toward(&sockets, behind_addr, TIME_WAIT);
+            app.stop(Duration::from_secs(5)).await;
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail)
+        })
+    })
+    .join();
+    let _ = stop_tx.send(());
+    let _ = server.join();
+    let (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail) =
+        result.expect("client side of the lab panicked");
+    let f = Figures {
+        direct,
+        through,
+        failover,
+        upstream_accepted: behind_stats.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        upstream_peak: behind_stats.peak_active.load(std::sync::atomic::Ordering::Relaxed),
+        time_wait_toward_upstream,
+        source0_eaddrnotavail,
+    };
+    drop(lab);
+
+    println!("exhaustion lab (client port range {PORT_RANGE}, max_connections {MAX_CONNECTIONS}):");
+    println!("| phase | requests ok | errors | req/s | p99 |");
+    println!("|---|---|---|---|---|");
+    for (name, r) in [("direct", &f.direct), ("through loopmux", &f.through), ("failover", &f.failover)] {
+        println!(
+            "| {name} | {} | {} {:?} | {:.0} | {:?} |",
+            r.ok,
+            r.error_count(),
+            r.errors,
+            r.rate(),
+            r.percentile(0.99)
+        );
+    }
+    println!(
+        "upstream accepted {} connections (peak {} open); TIME_WAIT toward upstream in client ns: {}; source {} EADDRNOTAVAIL: {}",
+        f.upstream_accepted, f.upstream_peak, f.time_wait_toward_upstream, CLIENT_IPS[0], f.source0_eaddrnotavail
+    );
+
+    assert!(
+        f.direct.errors_matching("EADDRNOTAVAIL") > 0,
+        "direct connections should exhaust the 1,000-port range: {:?}",
+        f.direct.errors
+    );
+    assert!(f.direct.ok <= 1_100, "direct succeeded {} times in a 1,000-port range", f.direct.ok);
+    assert_eq!(f.through.ok, THROUGH_REQUESTS, "through loopmux: {:?}", f.through.errors);
+    assert_eq!(f.through.error_count(), 0);
+    assert!(f.upstream_accepted as usize <= MAX_CONNECTIONS, "upstream accepted {}", f.upstream_accepted);
+    assert!(f.time_wait_toward_upstream <= MAX_CONNECTIONS);
+    assert_eq!(f.failover.ok, 200, "failover: {:?}", f.failover.errors);
+    assert!(f.source0_eaddrnotavail >= 1, "the exhausted source should have reported EADDRNOTAVAIL");
+}

@@ -1,0 +1,58 @@
+//! Shared test helpers: start loopmux and origins in-process on port 0,
+//! raw and real clients. Everything talks to loopback only.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use loopmux::app::App;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use loopmux::origin::Origin;
+
+/// Starts loopmux from TOML; every `bind` should be `127.0.0.1:0`.
+pub async fn start(toml: &str) -> (App, SocketAddr) {
+    let cfg = loopmux::config::load_str(toml, HashMap::new()).expect("test config is valid");
+    let bound = loopmux::app::bind_all(&cfg).expect("bind");
+    let app = App::start(cfg, bound).await.expect("start");
+    let addr = app.local_addrs[0];
+    (app, addr)
+}
+
+pub async fn origin() -> Origin {
+    Origin::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+/// One listener `t` in front of one upstream `u` at `origin`, plus `extra`
+/// lines appended to the `[[upstream]]` table.
+pub fn one_upstream(origin: SocketAddr, listener_extra: &str, upstream_extra: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nupstream = \"u\"\n{listener_extra}\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"{origin}\"]\n{upstream_extra}\n"
+    )
+}
+
+/// Sends raw bytes, reads until EOF (or `wait`), returns what came back.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs curl (a real third-party client) and returns (exit code, stdout, stderr).
+pub async fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
