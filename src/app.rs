@@ -23,7 +23,11 @@ pub enum StartError {
     #[error(transparent)]
     Bind(#[from] listener::BindError),
     #[error("listener[{index}] ({name}): {source}")]
-    Register { index: usize, name: String, source: std::io::Error },
+    Register {
+        index: usize,
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// A started loopmux: listeners accepting, upstream pools ready.

@@ -20,7 +20,9 @@ fn parse_addr(hex: &str) -> Option<SocketAddr> {
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match ip.len() {
         // The kernel prints each 32-bit word in host (little-endian) order.
-        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_le_bytes())),
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(ip, 16).ok()?.to_le_bytes(),
+        )),
         32 => {
             let mut b = [0u8; 16];
             for w in 0..4 {
@@ -45,7 +47,11 @@ pub fn parse_table(text: &str) -> Vec<SockEntry> {
             let local = parse_addr(f.next()?)?;
             let remote = parse_addr(f.next()?)?;
             let state = u8::from_str_radix(f.next()?, 16).ok()?;
-            Some(SockEntry { local, remote, state })
+            Some(SockEntry {
+                local,
+                remote,
+                state,
+            })
         })
         .collect()
 }
@@ -61,7 +67,10 @@ pub fn read_sockets() -> std::io::Result<Vec<SockEntry>> {
 
 /// Sockets in `state` whose remote end is `remote`.
 pub fn count_toward(entries: &[SockEntry], remote: SocketAddr, state: u8) -> usize {
-    entries.iter().filter(|e| e.remote == remote && e.state == state).count()
+    entries
+        .iter()
+        .filter(|e| e.remote == remote && e.state == state)
+        .count()
 }
 
 #[cfg(test)]
@@ -75,7 +84,10 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].local, "198.18.0.11:40001".parse().unwrap());
         assert_eq!(e[0].remote, "198.18.0.2:9001".parse().unwrap());
-        assert_eq!(count_toward(&e, "198.18.0.2:9001".parse().unwrap(), TIME_WAIT), 1);
+        assert_eq!(
+            count_toward(&e, "198.18.0.2:9001".parse().unwrap(), TIME_WAIT),
+            1
+        );
         let v6 = "  sl  local_address                         remote_address                        st\n   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D431 01 0\n";
         let e = parse_table(v6);
         assert_eq!(e[0].local, "[::1]:8080".parse().unwrap());

@@ -5,10 +5,10 @@
 
 pub mod app;
 pub mod config;
+pub mod diagnose;
 pub mod http;
 pub mod listener;
+pub mod load;
+pub mod origin;
 pub mod shutdown;
 pub mod upstream;
-pub mod origin;
-pub mod diagnose;
-pub mod load;

@@ -21,7 +21,10 @@ use crate::upstream::dialer::errno_text;
 const BACKLOG: i32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
-#[error("listener[{index}] ({name}): cannot bind {addr}: {}", errno_text(source))]
+#[error(
+    "listener[{index}] ({name}): cannot bind {addr}: {}",
+    errno_text(source)
+)]
 pub struct BindError {
     pub index: usize,
     pub name: String,
@@ -89,7 +92,13 @@ pub async fn accept_loop(
                 );
             }
             Err(e) => {
-                let fd_limit = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM));
+                let fd_limit = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE)
+                        | Some(libc::ENFILE)
+                        | Some(libc::ENOBUFS)
+                        | Some(libc::ENOMEM)
+                );
                 tracing::warn!(listener = %name, error = %errno_text(&e), "accept failed");
                 if fd_limit {
                     // Spinning on EMFILE burns a core and helps nobody.

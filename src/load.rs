@@ -73,7 +73,11 @@ impl LoadReport {
     }
 
     pub fn errors_matching(&self, needle: &str) -> usize {
-        self.errors.iter().filter(|(k, _)| k.contains(needle)).map(|(_, v)| v).sum()
+        self.errors
+            .iter()
+            .filter(|(k, _)| k.contains(needle))
+            .map(|(_, v)| v)
+            .sum()
     }
 
     pub fn rate(&self) -> f64 {
@@ -84,7 +88,8 @@ impl LoadReport {
         if self.latencies.is_empty() {
             return Duration::ZERO;
         }
-        let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len()) - 1;
+        let i =
+            ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len()) - 1;
         self.latencies[i]
     }
 }
@@ -133,7 +138,9 @@ pub async fn run(spec: LoadSpec) -> LoadReport {
         }
     }
     report.elapsed = started.elapsed();
-    report.not_started = spec.requests.saturating_sub(report.ok + report.error_count());
+    report.not_started = spec
+        .requests
+        .saturating_sub(report.ok + report.error_count());
     report.latencies.sort_unstable();
     report
 }
@@ -143,36 +150,58 @@ fn request_bytes(spec: &LoadSpec) -> Vec<u8> {
         Closer::Client => "",
         Closer::Server => "Connection: close\r\n",
     };
-    format!("GET {} HTTP/1.1\r\nHost: {}\r\n{conn}\r\n", spec.path, spec.target).into_bytes()
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n{conn}\r\n",
+        spec.path, spec.target
+    )
+    .into_bytes()
 }
 
 async fn connect(spec: &LoadSpec) -> io::Result<TcpStream> {
     let Some(src) = spec.source else {
         return TcpStream::connect(spec.target).await;
     };
-    let s = Socket::new(Domain::for_address(spec.target), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(spec.target),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     crate::upstream::dialer::set_bind_address_no_port(&s)?;
     s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
-    TcpSocket::from_std_stream(s.into()).connect(spec.target).await
+    TcpSocket::from_std_stream(s.into())
+        .connect(spec.target)
+        .await
 }
 
 async fn one(spec: &LoadSpec, request: &[u8]) -> Result<(), String> {
-    let mut s = connect(spec).await.map_err(|e| format!("connect: {}", errno_text(&e)))?;
-    s.write_all(request).await.map_err(|e| format!("write: {}", errno_text(&e)))?;
+    let mut s = connect(spec)
+        .await
+        .map_err(|e| format!("connect: {}", errno_text(&e)))?;
+    s.write_all(request)
+        .await
+        .map_err(|e| format!("write: {}", errno_text(&e)))?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 8192];
     let (status, body_start, len) = loop {
-        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {}", errno_text(&e)))?;
+        let n = s
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {}", errno_text(&e)))?;
         if n == 0 {
             return Err("read: EOF before response head".into());
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = find(&buf, b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end]).map_err(|_| "read: head is not UTF-8".to_string())?;
-            let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).ok_or("read: no status code")?;
+            let head = std::str::from_utf8(&buf[..end])
+                .map_err(|_| "read: head is not UTF-8".to_string())?;
+            let status: u16 = head
+                .get(9..12)
+                .and_then(|s| s.parse().ok())
+                .ok_or("read: no status code")?;
             let len = head.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
             });
             break (status, end + 4, len);
         }
@@ -181,7 +210,10 @@ async fn one(spec: &LoadSpec, request: &[u8]) -> Result<(), String> {
     match (spec.closer, len) {
         (Closer::Client, Some(len)) => {
             while have < len {
-                let n = s.read(&mut chunk).await.map_err(|e| format!("read: {}", errno_text(&e)))?;
+                let n = s
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("read: {}", errno_text(&e)))?;
                 if n == 0 {
                     return Err("read: EOF inside body".into());
                 }
@@ -190,7 +222,10 @@ async fn one(spec: &LoadSpec, request: &[u8]) -> Result<(), String> {
             // Close first, as the legacy app does.
         }
         _ => loop {
-            let n = s.read(&mut chunk).await.map_err(|e| format!("read: {}", errno_text(&e)))?;
+            let n = s
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {}", errno_text(&e)))?;
             if n == 0 {
                 break;
             }

@@ -11,7 +11,11 @@ const EXIT_BAD_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "loopmux", version, about = "Local egress proxy: many short client connections in, a few long-lived upstream connections out. Ends EADDRNOTAVAIL from ephemeral-port exhaustion.")]
+#[command(
+    name = "loopmux",
+    version,
+    about = "Local egress proxy: many short client connections in, a few long-lived upstream connections out. Ends EADDRNOTAVAIL from ephemeral-port exhaustion."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -38,6 +42,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // journald and log files want no colour codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.cmd {
         Cmd::Check { config } => match loopmux::config::load_file(&config) {
@@ -74,7 +80,10 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -109,8 +109,11 @@ async fn accept(listener: TcpListener, stats: Arc<OriginStats>, stop: Cancellati
         tokio::spawn(async move {
             let on_conn = Arc::new(AtomicU64::new(0));
             let st = stats.clone();
-            let svc = service_fn(move |req| respond(req, st.clone(), on_conn.fetch_add(1, Ordering::Relaxed)));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let svc = service_fn(move |req| {
+                respond(req, st.clone(), on_conn.fetch_add(1, Ordering::Relaxed))
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
@@ -126,18 +129,27 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<OriginBody> {
     r
 }
 
-async fn respond(req: Request<Incoming>, stats: Arc<OriginStats>, nth_on_conn: u64) -> Result<Response<OriginBody>, Dropped> {
+async fn respond(
+    req: Request<Incoming>,
+    stats: Arc<OriginStats>,
+    nth_on_conn: u64,
+) -> Result<Response<OriginBody>, Dropped> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
     if path == "/echo" {
         let mut r = Response::new(Either::Left(Either::Left(req.into_body())));
-        r.headers_mut().insert("x-origin", http::HeaderValue::from_static("echo"));
+        r.headers_mut()
+            .insert("x-origin", http::HeaderValue::from_static("echo"));
         return Ok(r);
     }
     if path == "/headers" {
         let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
         for (k, v) in req.headers() {
-            out.push_str(&format!("{}: {}\n", k, String::from_utf8_lossy(v.as_bytes())));
+            out.push_str(&format!(
+                "{}: {}\n",
+                k,
+                String::from_utf8_lossy(v.as_bytes())
+            ));
         }
         return Ok(text(StatusCode::OK, out));
     }
@@ -163,4 +175,3 @@ async fn respond(req: Request<Incoming>, stats: Arc<OriginStats>, nth_on_conn: u
     let _ = req.into_body().collect().await;
     Ok(text(StatusCode::OK, "ok\n"))
 }
-

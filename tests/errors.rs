@@ -17,11 +17,24 @@ async fn status_and_body(url: &str) -> (String, String) {
 
 #[tokio::test]
 async fn connect_refused_is_502_naming_upstream_endpoint_source_and_errno() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (app, addr) = start(&one_upstream(dead, "", "source_addresses = [\"127.0.0.7\"]")).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (app, addr) = start(&one_upstream(
+        dead,
+        "",
+        "source_addresses = [\"127.0.0.7\"]",
+    ))
+    .await;
     let (status, body) = status_and_body(&format!("http://{addr}/")).await;
     assert_eq!(status, "502");
-    for part in ["upstream \"u\"", &dead.to_string(), "127.0.0.7", "ECONNREFUSED"] {
+    for part in [
+        "upstream \"u\"",
+        &dead.to_string(),
+        "127.0.0.7",
+        "ECONNREFUSED",
+    ] {
         assert!(body.contains(part), "missing {part}: {body}");
     }
     app.stop(Duration::from_secs(1)).await;
@@ -30,10 +43,18 @@ async fn connect_refused_is_502_naming_upstream_endpoint_source_and_errno() {
 #[tokio::test]
 async fn unassigned_source_is_502_with_eaddrnotavail() {
     let o = origin().await;
-    let (app, addr) = start(&one_upstream(o.addr, "", "source_addresses = [\"198.18.0.1\"]")).await;
+    let (app, addr) = start(&one_upstream(
+        o.addr,
+        "",
+        "source_addresses = [\"198.18.0.1\"]",
+    ))
+    .await;
     let (status, body) = status_and_body(&format!("http://{addr}/")).await;
     assert_eq!(status, "502");
-    assert!(body.contains("198.18.0.1") && body.contains("EADDRNOTAVAIL"), "{body}");
+    assert!(
+        body.contains("198.18.0.1") && body.contains("EADDRNOTAVAIL"),
+        "{body}"
+    );
     app.stop(Duration::from_secs(1)).await;
 }
 
@@ -42,12 +63,23 @@ async fn connect_timeout_is_502_within_the_timeout() {
     // A listener whose accept queue is full: further SYNs go unanswered, so
     // connect() hangs until loopmux's connect_timeout.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
     sock.listen(0).unwrap();
     let full: std::net::SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(full)).await {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(full),
+        )
+        .await
+        {
             fillers.push(s);
         }
     }
@@ -71,7 +103,12 @@ async fn request_timeout_is_504() {
 #[tokio::test]
 async fn queue_full_and_queue_timeout_are_503_without_new_sockets() {
     let o = origin().await;
-    let (app, addr) = start(&one_upstream(o.addr, "", "max_connections = 1\nmax_pending = 1\nqueue_timeout = \"300ms\"")).await;
+    let (app, addr) = start(&one_upstream(
+        o.addr,
+        "",
+        "max_connections = 1\nmax_pending = 1\nqueue_timeout = \"300ms\"",
+    ))
+    .await;
     let slow = format!("http://{addr}/slow/1500");
     let busy = tokio::spawn(async move { curl(&["-o", "/dev/null", &slow]).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -83,9 +120,15 @@ async fn queue_full_and_queue_timeout_are_503_without_new_sockets() {
     assert!(body.contains("queue full"), "{body}");
     let (status, body) = waiting.await.unwrap();
     assert_eq!(status, "503", "{body}");
-    assert!(body.contains("no connection became free within 300ms"), "{body}");
+    assert!(
+        body.contains("no connection became free within 300ms"),
+        "{body}"
+    );
     busy.await.unwrap();
-    assert_eq!(o.stats.accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        o.stats.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     app.stop(Duration::from_secs(1)).await;
 }
 
@@ -93,9 +136,17 @@ async fn queue_full_and_queue_timeout_are_503_without_new_sockets() {
 async fn malformed_request_is_400_and_oversized_headers_are_431() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "max_header_bytes = 4096", "")).await;
-    let out = raw(addr, b"GET / HTTP/1.1\r\nHost x\r\n\r\n", Duration::from_secs(5)).await;
+    let out = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(8000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(8000)
+    );
     let out = raw(addr, big.as_bytes(), Duration::from_secs(5)).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     app.stop(Duration::from_secs(1)).await;
@@ -117,7 +168,12 @@ async fn slow_client_is_cut_after_header_timeout() {
 async fn connect_method_is_405() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
-    let out = raw(addr, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", Duration::from_secs(2)).await;
+    let out = raw(
+        addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 405"), "{out}");
     app.stop(Duration::from_secs(1)).await;
 }
@@ -133,16 +189,39 @@ async fn conflicting_framing_is_not_smuggled() {
     let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
     let attack = b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     let out = raw(addr, attack, Duration::from_secs(5)).await;
-    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "exactly one response: {out}");
+    assert_eq!(
+        out.matches("HTTP/1.1 ").count(),
+        1,
+        "exactly one response: {out}"
+    );
     let lower = out.to_ascii_lowercase();
-    assert!(!lower.contains("content-length: 4"), "conflicting length forwarded: {out}");
+    assert!(
+        !lower.contains("content-length: 4"),
+        "conflicting length forwarded: {out}"
+    );
     assert!(!lower.contains("smuggled"), "{out}");
     // Two different lengths, and TE in HTTP/1.0, are refused outright.
-    let out = raw(addr, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", Duration::from_secs(5)).await;
+    let out = raw(
+        addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-    let out = raw(addr, b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", Duration::from_secs(5)).await;
-    assert!(out.starts_with("HTTP/1.1 400") || out.starts_with("HTTP/1.0 400"), "{out}");
-    assert_eq!(o.stats.requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let out = raw(
+        addr,
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 400") || out.starts_with("HTTP/1.0 400"),
+        "{out}"
+    );
+    assert_eq!(
+        o.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     app.stop(Duration::from_secs(1)).await;
 }
 
@@ -160,7 +239,9 @@ async fn garbage_and_truncated_input_never_stop_the_service() {
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n".to_vec(),
         b"GET http://[::1 HTTP/1.1\r\n\r\n".to_vec(),
         b"\r\n\r\n\r\n\r\n".to_vec(),
-        "GET /\u{e9} HTTP/1.1\r\nHost: \u{e9}\r\n\r\n".as_bytes().to_vec(),
+        "GET /\u{e9} HTTP/1.1\r\nHost: \u{e9}\r\n\r\n"
+            .as_bytes()
+            .to_vec(),
     ];
     // Deterministic pseudo-random bytes: repeatable failures.
     let mut x: u32 = 0x2545_f491;
@@ -178,6 +259,10 @@ async fn garbage_and_truncated_input_never_stop_the_service() {
         let _ = raw(addr, input, Duration::from_secs(2)).await;
     }
     let (code, out, err) = curl(&[&format!("http://{addr}/")]).await;
-    assert_eq!((code, out.as_str()), (0, "ok\n"), "still serving after garbage: {err}");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "ok\n"),
+        "still serving after garbage: {err}"
+    );
     app.stop(Duration::from_secs(1)).await;
 }

@@ -14,12 +14,18 @@ async fn forwards_and_strips_hop_by_hop_headers() {
     let url = format!("http://{addr}/headers");
     let (code, out, err) = curl(&[
         &url,
-        "-H", "Connection: keep-alive, X-Hop",
-        "-H", "X-Hop: secret",
-        "-H", "Keep-Alive: timeout=5",
-        "-H", "Proxy-Authorization: Basic eA==",
-        "-H", "TE: trailers",
-        "-H", "X-End-To-End: kept",
+        "-H",
+        "Connection: keep-alive, X-Hop",
+        "-H",
+        "X-Hop: secret",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "Proxy-Authorization: Basic eA==",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "X-End-To-End: kept",
     ])
     .await;
     assert_eq!(code, 0, "{err}");
@@ -27,7 +33,13 @@ async fn forwards_and_strips_hop_by_hop_headers() {
     assert!(lower.starts_with("get /headers http/1.1"), "{out}");
     assert!(lower.contains("x-end-to-end: kept"), "{out}");
     assert!(lower.contains(&format!("host: {addr}")), "Host kept: {out}");
-    for gone in ["x-hop", "keep-alive", "proxy-authorization", "te:", "connection"] {
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te:",
+        "connection",
+    ] {
         assert!(!lower.contains(gone), "{gone} was forwarded: {out}");
     }
     app.stop(Duration::from_secs(1)).await;
@@ -38,7 +50,10 @@ async fn fixed_host_header_replaces_clients() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "host_header = \"api.internal\"")).await;
     let (_, out, _) = curl(&[&format!("http://{addr}/headers")]).await;
-    assert!(out.to_ascii_lowercase().contains("host: api.internal"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("host: api.internal"),
+        "{out}"
+    );
     app.stop(Duration::from_secs(1)).await;
 }
 
@@ -46,9 +61,18 @@ async fn fixed_host_header_replaces_clients() {
 async fn http10_without_host_gets_endpoint_host_and_is_closed_by_loopmux() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
-    let out = raw(addr, b"GET /headers HTTP/1.0\r\n\r\n", Duration::from_secs(5)).await;
+    let out = raw(
+        addr,
+        b"GET /headers HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.0 200"), "{out}");
-    assert!(out.to_ascii_lowercase().contains(&format!("host: {}", o.addr)), "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains(&format!("host: {}", o.addr)),
+        "{out}"
+    );
     // read_to_end returned: loopmux closed the connection (EOF) first.
     app.stop(Duration::from_secs(1)).await;
 }
@@ -58,9 +82,17 @@ async fn client_keepalive_false_answers_connection_close_and_closes_first() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "client_keepalive = false", "")).await;
     // A keep-alive request: loopmux must still say close, and close.
-    let out = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(5)).await;
+    let out = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.to_ascii_lowercase().contains("connection: close"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
     assert!(out.ends_with("ok\n"), "response complete before EOF: {out}");
     app.stop(Duration::from_secs(1)).await;
 }
@@ -69,8 +101,16 @@ async fn client_keepalive_false_answers_connection_close_and_closes_first() {
 async fn client_connection_close_is_honoured_and_keepalive_is_default() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
-    let out = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(5)).await;
-    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("ok\n"), "{out}");
+    let out = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("ok\n"),
+        "{out}"
+    );
     // Two requests on one connection: keep-alive works by default.
     let out = raw(
         addr,
@@ -90,7 +130,9 @@ async fn streams_bodies_both_ways_exactly() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("in.bin");
     // 3 MiB of non-repeating bytes, so a dropped or reordered chunk shows.
-    let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&file, &data).unwrap();
     let url = format!("http://{addr}/echo");
     let at_file = format!("@{}", file.display());
@@ -99,13 +141,35 @@ async fn streams_bodies_both_ways_exactly() {
     // Content-Length upload.
     let (code, _, err) = curl(&["--data-binary", &at_file, "-o", &out_s, &url]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(std::fs::read(&out_file).unwrap() == data, "content-length body changed in transit");
+    assert!(
+        std::fs::read(&out_file).unwrap() == data,
+        "content-length body changed in transit"
+    );
     // Chunked upload.
-    let (code, _, err) = curl(&["-H", "Transfer-Encoding: chunked", "--data-binary", &at_file, "-o", &out_s, &url]).await;
+    let (code, _, err) = curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &at_file,
+        "-o",
+        &out_s,
+        &url,
+    ])
+    .await;
     assert_eq!(code, 0, "{err}");
-    assert!(std::fs::read(&out_file).unwrap() == data, "chunked body changed in transit");
+    assert!(
+        std::fs::read(&out_file).unwrap() == data,
+        "chunked body changed in transit"
+    );
     // Chunked download of a large streamed body.
-    let (code, out, err) = curl(&["-w", "%{size_download}", "-o", "/dev/null", &format!("http://{addr}/bytes/5000000")]).await;
+    let (code, out, err) = curl(&[
+        "-w",
+        "%{size_download}",
+        "-o",
+        "/dev/null",
+        &format!("http://{addr}/bytes/5000000"),
+    ])
+    .await;
     assert_eq!((code, out.as_str()), (0, "5000000"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
     app.stop(Duration::from_secs(1)).await;
@@ -118,9 +182,22 @@ async fn expect_100_continue_is_answered() {
     let body = "x".repeat(100_000);
     let url = format!("http://{addr}/echo");
     // curl sends Expect: 100-continue itself for bodies over 1 MiB; force it.
-    let (code, out, err) = curl(&["-v", "-H", "Expect: 100-continue", "--expect100-timeout", "10", "--data-binary", &body, &url]).await;
+    let (code, out, err) = curl(&[
+        "-v",
+        "-H",
+        "Expect: 100-continue",
+        "--expect100-timeout",
+        "10",
+        "--data-binary",
+        &body,
+        &url,
+    ])
+    .await;
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("HTTP/1.1 100 Continue"), "no 100 Continue seen: {err}");
+    assert!(
+        err.contains("HTTP/1.1 100 Continue"),
+        "no 100 Continue seen: {err}"
+    );
     assert_eq!(out.len(), body.len());
     app.stop(Duration::from_secs(1)).await;
 }
@@ -128,7 +205,12 @@ async fn expect_100_continue_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_concurrent_requests_use_at_most_four_connections() {
     let o = origin().await;
-    let (app, addr) = start(&one_upstream(o.addr, "client_keepalive = false", "max_connections = 4\nmax_pending = 4096\nqueue_timeout = \"60s\"")).await;
+    let (app, addr) = start(&one_upstream(
+        o.addr,
+        "client_keepalive = false",
+        "max_connections = 4\nmax_pending = 4096\nqueue_timeout = \"60s\"",
+    ))
+    .await;
     let mut spec = loopmux::load::LoadSpec::new(addr, 2_000, 2_000, loopmux::load::Closer::Server);
     spec.path = "/slow/5".into();
     spec.timeout = Duration::from_secs(60);
@@ -147,7 +229,13 @@ async fn two_thousand_concurrent_requests_use_at_most_four_connections() {
 async fn connections_are_reused_not_reopened() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "max_connections = 2")).await;
-    let r = loopmux::load::run(loopmux::load::LoadSpec::new(addr, 300, 2, loopmux::load::Closer::Client)).await;
+    let r = loopmux::load::run(loopmux::load::LoadSpec::new(
+        addr,
+        300,
+        2,
+        loopmux::load::Closer::Client,
+    ))
+    .await;
     assert_eq!(r.ok, 300, "{:?}", r.errors);
     assert!(o.stats.accepted.load(Ordering::Relaxed) <= 2);
     app.stop(Duration::from_secs(1)).await;
@@ -176,9 +264,22 @@ async fn non_idempotent_request_that_reached_upstream_is_not_replayed() {
     let url = format!("http://{addr}/flaky");
     let (_, out, _) = curl(&[&url]).await;
     assert_eq!(out, "flaky ok\n");
-    let (code, out, _) = curl(&["-w", "%{http_code}", "-o", "/dev/null", "--data", "order=1", &url]).await;
+    let (code, out, _) = curl(&[
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        "--data",
+        "order=1",
+        &url,
+    ])
+    .await;
     assert_eq!((code, out.as_str()), (0, "502"));
-    assert_eq!(o.stats.flaky_seen.load(Ordering::Relaxed), 2, "the POST reached the origin exactly once");
+    assert_eq!(
+        o.stats.flaky_seen.load(Ordering::Relaxed),
+        2,
+        "the POST reached the origin exactly once"
+    );
     app.stop(Duration::from_secs(1)).await;
 }
 
@@ -194,7 +295,13 @@ async fn failing_endpoint_is_avoided() {
         &format!("endpoints = [\"{dead}\", \"{}\"]", o.addr),
     );
     let (app, addr) = start(&toml).await;
-    let r = loopmux::load::run(loopmux::load::LoadSpec::new(addr, 50, 4, loopmux::load::Closer::Server)).await;
+    let r = loopmux::load::run(loopmux::load::LoadSpec::new(
+        addr,
+        50,
+        4,
+        loopmux::load::Closer::Server,
+    ))
+    .await;
     assert_eq!(r.ok, 50, "{:?}", r.errors);
     app.stop(Duration::from_secs(1)).await;
 }
@@ -212,7 +319,11 @@ async fn dns_name_endpoint_resolves() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Refreshes keep the same endpoint (and its pool) for the same address.
     let eps = app.upstreams[0].endpoints();
-    assert!(eps.iter().any(|e| e.addr == o.addr), "{:?}", eps.iter().map(|e| e.addr).collect::<Vec<_>>());
+    assert!(
+        eps.iter().any(|e| e.addr == o.addr),
+        "{:?}",
+        eps.iter().map(|e| e.addr).collect::<Vec<_>>()
+    );
     let (code, _, _) = curl(&[&format!("http://{addr}/")]).await;
     assert_eq!(code, 0);
     assert_eq!(o.stats.accepted.load(Ordering::Relaxed), 1);
@@ -225,9 +336,27 @@ async fn ipv6_listener_and_endpoint() {
         eprintln!("skipped: no IPv6 loopback");
         return;
     };
-    let toml = one_upstream(o.addr, "", "source_addresses = [\"::1\"]").replace("127.0.0.1:0", "[::1]:0");
+    let toml =
+        one_upstream(o.addr, "", "source_addresses = [\"::1\"]").replace("127.0.0.1:0", "[::1]:0");
     let (app, addr) = start(&toml).await;
     let (code, out, err) = curl(&[&format!("http://{addr}/")]).await;
     assert_eq!((code, out.as_str()), (0, "ok\n"), "{err}");
     app.stop(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn stop_drains_in_flight_requests() {
+    let o = origin().await;
+    let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
+    let url = format!("http://{addr}/slow/800");
+    let slow = tokio::spawn(async move { curl(&["-w", " %{http_code}", &url]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        app.stop(Duration::from_secs(10)).await,
+        "drain finished in time"
+    );
+    let (code, out, err) = slow.await.unwrap();
+    assert_eq!((code, out.as_str()), (0, "slow ok\n 200"), "{err}");
+    // And nothing accepts any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

@@ -22,11 +22,18 @@ const MAX_CONNECTIONS: usize = 4;
 const THROUGH_REQUESTS: usize = 20_000;
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -55,14 +62,33 @@ impl Lab {
         let (vc, vs) = (format!("lmxc{id}"), format!("lmxs{id}"));
         ip(&["netns", "add", &lab.cli])?;
         ip(&["netns", "add", &lab.srv])?;
-        ip(&["link", "add", &vc, "netns", &lab.cli, "type", "veth", "peer", "name", &vs, "netns", &lab.srv])?;
+        ip(&[
+            "link", "add", &vc, "netns", &lab.cli, "type", "veth", "peer", "name", &vs, "netns",
+            &lab.srv,
+        ])?;
         for ns in [&lab.cli, &lab.srv] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         for a in CLIENT_IPS {
-            ip(&["-n", &lab.cli, "addr", "add", &format!("{a}/24"), "dev", &vc])?;
+            ip(&[
+                "-n",
+                &lab.cli,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                &vc,
+            ])?;
         }
-        ip(&["-n", &lab.srv, "addr", "add", &format!("{SERVER_IP}/24"), "dev", &vs])?;
+        ip(&[
+            "-n",
+            &lab.srv,
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/24"),
+            "dev",
+            &vs,
+        ])?;
         ip(&["-n", &lab.cli, "link", "set", &vc, "up"])?;
         ip(&["-n", &lab.srv, "link", "set", &vs, "up"])?;
         let out = Command::new("ip")
@@ -144,14 +170,24 @@ fn exhaustion_lab() {
         let rt = runtime();
         rt.block_on(async move {
             let ip: IpAddr = SERVER_IP.parse().unwrap();
-            let direct = loopmux::origin::Origin::start(SocketAddr::new(ip, 9000)).await.unwrap();
-            let behind = loopmux::origin::Origin::start(SocketAddr::new(ip, 9001)).await.unwrap();
-            ready_tx.send((direct.addr, behind.addr, behind.stats.clone())).unwrap();
+            let direct = loopmux::origin::Origin::start(SocketAddr::new(ip, 9000))
+                .await
+                .unwrap();
+            let behind = loopmux::origin::Origin::start(SocketAddr::new(ip, 9001))
+                .await
+                .unwrap();
+            ready_tx
+                .send((direct.addr, behind.addr, behind.stats.clone()))
+                .unwrap();
             // Wait for the test to finish without blocking the runtime.
-            let _ = tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(600))).await;
+            let _ =
+                tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(600)))
+                    .await;
         });
     });
-    let (direct_addr, behind_addr, behind_stats) = ready_rx.recv_timeout(Duration::from_secs(30)).expect("origins started");
+    let (direct_addr, behind_addr, behind_stats) = ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("origins started");
 
     let cli = lab.cli.clone();
     let result = in_netns(&cli, move || {
@@ -201,8 +237,12 @@ fn exhaustion_lab() {
         direct,
         through,
         failover,
-        upstream_accepted: behind_stats.accepted.load(std::sync::atomic::Ordering::Relaxed),
-        upstream_peak: behind_stats.peak_active.load(std::sync::atomic::Ordering::Relaxed),
+        upstream_accepted: behind_stats
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        upstream_peak: behind_stats
+            .peak_active
+            .load(std::sync::atomic::Ordering::Relaxed),
         time_wait_toward_upstream,
         source0_eaddrnotavail,
     };
@@ -211,7 +251,11 @@ fn exhaustion_lab() {
     println!("exhaustion lab (client port range {PORT_RANGE}, max_connections {MAX_CONNECTIONS}):");
     println!("| phase | requests ok | errors | req/s | p99 |");
     println!("|---|---|---|---|---|");
-    for (name, r) in [("direct", &f.direct), ("through loopmux", &f.through), ("failover", &f.failover)] {
+    for (name, r) in [
+        ("direct", &f.direct),
+        ("through loopmux", &f.through),
+        ("failover", &f.failover),
+    ] {
         println!(
             "| {name} | {} | {} {:?} | {:.0} | {:?} |",
             r.ok,
@@ -231,11 +275,26 @@ fn exhaustion_lab() {
         "direct connections should exhaust the 1,000-port range: {:?}",
         f.direct.errors
     );
-    assert!(f.direct.ok <= 1_100, "direct succeeded {} times in a 1,000-port range", f.direct.ok);
-    assert_eq!(f.through.ok, THROUGH_REQUESTS, "through loopmux: {:?}", f.through.errors);
+    assert!(
+        f.direct.ok <= 1_100,
+        "direct succeeded {} times in a 1,000-port range",
+        f.direct.ok
+    );
+    assert_eq!(
+        f.through.ok, THROUGH_REQUESTS,
+        "through loopmux: {:?}",
+        f.through.errors
+    );
     assert_eq!(f.through.error_count(), 0);
-    assert!(f.upstream_accepted as usize <= MAX_CONNECTIONS, "upstream accepted {}", f.upstream_accepted);
+    assert!(
+        f.upstream_accepted as usize <= MAX_CONNECTIONS,
+        "upstream accepted {}",
+        f.upstream_accepted
+    );
     assert!(f.time_wait_toward_upstream <= MAX_CONNECTIONS);
     assert_eq!(f.failover.ok, 200, "failover: {:?}", f.failover.errors);
-    assert!(f.source0_eaddrnotavail >= 1, "the exhausted source should have reported EADDRNOTAVAIL");
+    assert!(
+        f.source0_eaddrnotavail >= 1,
+        "the exhausted source should have reported EADDRNOTAVAIL"
+    );
 }

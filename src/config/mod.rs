@@ -9,15 +9,18 @@ use std::path::Path;
 
 pub use raw::RawConfig;
 pub use validate::{
-    defaults, parse_endpoint, validate, AdminConfig, Config, EndpointAddr, HostHeader, ListenerConfig, Mode,
-    Problem, Protocol, UpstreamConfig,
+    defaults, parse_endpoint, validate, AdminConfig, Config, EndpointAddr, HostHeader,
+    ListenerConfig, Mode, Problem, Protocol, UpstreamConfig,
 };
 
 /// Why a config could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Parse(String),
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -53,7 +56,9 @@ pub fn load_str(toml: &str, env: HashMap<String, String>) -> Result<Config, Conf
         )
         .build()
         .map_err(|e| ConfigError::Parse(e.to_string()))?;
-    let raw: RawConfig = built.try_deserialize().map_err(|e| ConfigError::Parse(e.to_string()))?;
+    let raw: RawConfig = built
+        .try_deserialize()
+        .map_err(|e| ConfigError::Parse(e.to_string()))?;
     validate(raw).map_err(ConfigError::Invalid)
 }
 

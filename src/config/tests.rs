@@ -45,7 +45,10 @@ fn bad_duration_is_named() {
     let e = problems(&format!("{MINIMAL}queue_timeout = \"5 parsecs\"\n"));
     assert!(e.contains("upstream[0].queue_timeout"), "{e}");
     let e = problems(&format!("{MINIMAL}idle_timeout = \"0s\"\n"));
-    assert!(e.contains("upstream[0].idle_timeout: must be greater than zero"), "{e}");
+    assert!(
+        e.contains("upstream[0].idle_timeout: must be greater than zero"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -80,7 +83,10 @@ fn dns_and_v6_endpoints_parse() {
 #[test]
 fn missing_upstream_is_named() {
     let e = problems(&MINIMAL.replace("upstream = \"u\"", "upstream = \"nope\""));
-    assert!(e.contains("listener[0].upstream: no [[upstream]] is named `nope`"), "{e}");
+    assert!(
+        e.contains("listener[0].upstream: no [[upstream]] is named `nope`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -98,14 +104,22 @@ fn duplicate_names_and_binds_are_errors() {
 fn remote_bind_needs_allow_remote() {
     let remote = MINIMAL.replace("127.0.0.1:18080", "0.0.0.0:18080");
     let e = problems(&remote);
-    assert!(e.contains("listener[0].bind") && e.contains("allow_remote"), "{e}");
-    let allowed = remote.replace("upstream = \"u\"\n", "upstream = \"u\"\nallow_remote = true\n");
+    assert!(
+        e.contains("listener[0].bind") && e.contains("allow_remote"),
+        "{e}"
+    );
+    let allowed = remote.replace(
+        "upstream = \"u\"\n",
+        "upstream = \"u\"\nallow_remote = true\n",
+    );
     assert!(load(&allowed).is_ok());
 }
 
 #[test]
 fn bad_source_address_is_named() {
-    let e = problems(&format!("[egress]\nsource_addresses = [\"127.0.0.2\", \"nope\"]\n{MINIMAL}"));
+    let e = problems(&format!(
+        "[egress]\nsource_addresses = [\"127.0.0.2\", \"nope\"]\n{MINIMAL}"
+    ));
     assert!(e.contains("egress.source_addresses[1]"), "{e}");
 }
 
@@ -115,7 +129,10 @@ fn upstream_sources_override_egress() {
         "[egress]\nsource_addresses = [\"127.0.0.2\"]\n{MINIMAL}source_addresses = [\"::1\"]\n"
     ))
     .unwrap();
-    assert_eq!(c.upstreams[0].source_addresses, vec!["::1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        c.upstreams[0].source_addresses,
+        vec!["::1".parse::<std::net::IpAddr>().unwrap()]
+    );
 }
 
 #[test]
@@ -127,14 +144,21 @@ fn unsupported_mode_is_named() {
 #[test]
 fn env_overrides_file() {
     let env = HashMap::from([
-        ("LOOPMUX__ADMIN__BIND".to_string(), "127.0.0.1:9999".to_string()),
+        (
+            "LOOPMUX__ADMIN__BIND".to_string(),
+            "127.0.0.1:9999".to_string(),
+        ),
         (
             "LOOPMUX__EGRESS__SOURCE_ADDRESSES".to_string(),
             "127.0.0.5,127.0.0.6".to_string(),
         ),
         ("UNRELATED".to_string(), "x".to_string()),
     ]);
-    let c = load_str(&format!("[admin]\nbind = \"127.0.0.1:9901\"\n{MINIMAL}"), env).unwrap();
+    let c = load_str(
+        &format!("[admin]\nbind = \"127.0.0.1:9901\"\n{MINIMAL}"),
+        env,
+    )
+    .unwrap();
     assert_eq!(c.admin.unwrap().bind, "127.0.0.1:9999".parse().unwrap());
     assert_eq!(c.upstreams[0].source_addresses.len(), 2);
 }

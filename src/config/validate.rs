@@ -144,7 +144,9 @@ impl Checker {
             Err(e) => {
                 self.fail(
                     key,
-                    format!("`{raw}` is not a duration ({e}); write e.g. \"250ms\", \"5s\", \"10m\""),
+                    format!(
+                        "`{raw}` is not a duration ({e}); write e.g. \"250ms\", \"5s\", \"10m\""
+                    ),
                 );
                 default
             }
@@ -207,11 +209,15 @@ pub fn parse_endpoint(raw: &str) -> Result<EndpointAddr, String> {
     }
     let valid_host = !host.is_empty()
         && host.len() <= 253
-        && host
-            .split('.')
-            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     if !valid_host {
-        return Err(format!("`{host}` in `{raw}` is neither an IP address nor a DNS name"));
+        return Err(format!(
+            "`{host}` in `{raw}` is neither an IP address nor a DNS name"
+        ));
     }
     Ok(EndpointAddr::Name {
         host: host.to_ascii_lowercase(),
@@ -224,14 +230,21 @@ pub fn parse_endpoint(raw: &str) -> Result<EndpointAddr, String> {
 /// # Errors
 /// One [`Problem`] per bad key, in file order.
 pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
-    let mut c = Checker { problems: Vec::new() };
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
 
     let admin = raw.admin.as_ref().and_then(|a| {
-        let bind = c.socket_addr("admin.bind".into(), a.bind.as_deref().unwrap_or("127.0.0.1:9901"))?;
+        let bind = c.socket_addr(
+            "admin.bind".into(),
+            a.bind.as_deref().unwrap_or("127.0.0.1:9901"),
+        )?;
         if !bind.ip().is_loopback() && !a.allow_remote.unwrap_or(false) {
             c.fail(
                 "admin.bind",
-                format!("{bind} is not a loopback address; set admin.allow_remote = true to expose it"),
+                format!(
+                    "{bind} is not a loopback address; set admin.allow_remote = true to expose it"
+                ),
             );
         }
         Some(AdminConfig { bind })
@@ -239,7 +252,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
 
     if let Some(serve) = &raw.serve {
         if serve.bind.is_some() || serve.tls.is_some() || serve.allow.is_some() {
-            c.fail("serve", "the serve role (far end of tunnel mode) is not available in this version");
+            c.fail(
+                "serve",
+                "the serve role (far end of tunnel mode) is not available in this version",
+            );
         }
     }
 
@@ -250,7 +266,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     for (i, u) in raw.upstreams.iter().enumerate() {
         if let Some(up) = upstream(&mut c, i, u, &egress_sources) {
             if !names.insert(up.name.clone()) {
-                c.fail(format!("upstream[{i}].name"), format!("`{}` is used by another upstream", up.name));
+                c.fail(
+                    format!("upstream[{i}].name"),
+                    format!("`{}` is used by another upstream", up.name),
+                );
             }
             upstreams.push(up);
         }
@@ -262,17 +281,26 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     for (i, l) in raw.listeners.iter().enumerate() {
         if let Some(lc) = listener(&mut c, i, l, &upstreams) {
             if !lnames.insert(lc.name.clone()) {
-                c.fail(format!("listener[{i}].name"), format!("`{}` is used by another listener", lc.name));
+                c.fail(
+                    format!("listener[{i}].name"),
+                    format!("`{}` is used by another listener", lc.name),
+                );
             }
             if !binds.insert(lc.bind) {
-                c.fail(format!("listener[{i}].bind"), format!("{} is bound by another listener", lc.bind));
+                c.fail(
+                    format!("listener[{i}].bind"),
+                    format!("{} is bound by another listener", lc.bind),
+                );
             }
             listeners.push(lc);
         }
     }
     if let Some(a) = &admin {
         if binds.contains(&a.bind) {
-            c.fail("admin.bind", format!("{} is also a listener's bind", a.bind));
+            c.fail(
+                "admin.bind",
+                format!("{} is also a listener's bind", a.bind),
+            );
         }
     }
 
@@ -297,7 +325,12 @@ fn required<'a>(c: &mut Checker, key: String, v: Option<&'a String>) -> Option<&
     }
 }
 
-fn upstream(c: &mut Checker, i: usize, u: &RawUpstream, egress: &[IpAddr]) -> Option<UpstreamConfig> {
+fn upstream(
+    c: &mut Checker,
+    i: usize,
+    u: &RawUpstream,
+    egress: &[IpAddr],
+) -> Option<UpstreamConfig> {
     let k = |field: &str| format!("upstream[{i}].{field}");
     let name = required(c, k("name"), u.name.as_ref())?.to_string();
 
@@ -307,7 +340,10 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream, egress: &[IpAddr]) -> Op
     let mut endpoints = Vec::with_capacity(u.endpoints.len());
     for (j, e) in u.endpoints.iter().enumerate() {
         match parse_endpoint(e) {
-            Ok(ep) if endpoints.contains(&ep) => c.fail(format!("{}[{j}]", k("endpoints")), format!("`{ep}` is listed twice")),
+            Ok(ep) if endpoints.contains(&ep) => c.fail(
+                format!("{}[{j}]", k("endpoints")),
+                format!("`{ep}` is listed twice"),
+            ),
             Ok(ep) => endpoints.push(ep),
             Err(reason) => c.fail(format!("{}[{j}]", k("endpoints")), reason),
         }
@@ -316,16 +352,25 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream, egress: &[IpAddr]) -> Op
     let protocol = match u.protocol.as_deref().map(str::trim) {
         None | Some("http1") => Protocol::Http1,
         Some(p @ ("http2" | "auto")) => {
-            c.fail(k("protocol"), format!("`{p}` is not available in this version; use \"http1\""));
+            c.fail(
+                k("protocol"),
+                format!("`{p}` is not available in this version; use \"http1\""),
+            );
             Protocol::Http1
         }
         Some(p) => {
-            c.fail(k("protocol"), format!("`{p}` is not one of http1, http2, auto"));
+            c.fail(
+                k("protocol"),
+                format!("`{p}` is not one of http1, http2, auto"),
+            );
             Protocol::Http1
         }
     };
     if u.tls.is_some() {
-        c.fail(k("tls"), "TLS toward upstreams is not available in this version");
+        c.fail(
+            k("tls"),
+            "TLS toward upstreams is not available in this version",
+        );
     }
 
     let host_header = match u.host_header.as_deref() {
@@ -333,7 +378,10 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream, egress: &[IpAddr]) -> Op
         Some(v) => match HeaderValue::from_str(v.trim()) {
             Ok(hv) if !v.trim().is_empty() => HostHeader::Fixed(hv),
             _ => {
-                c.fail(k("host_header"), format!("`{v}` is not a valid Host header value"));
+                c.fail(
+                    k("host_header"),
+                    format!("`{v}` is not a valid Host header value"),
+                );
                 HostHeader::Keep
             }
         },
@@ -348,21 +396,59 @@ fn upstream(c: &mut Checker, i: usize, u: &RawUpstream, egress: &[IpAddr]) -> Op
         name,
         endpoints,
         protocol,
-        max_connections: c.count(k("max_connections"), u.max_connections, defaults::MAX_CONNECTIONS, 1),
+        max_connections: c.count(
+            k("max_connections"),
+            u.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1,
+        ),
         max_pending: c.count(k("max_pending"), u.max_pending, defaults::MAX_PENDING, 0),
-        queue_timeout: c.duration(k("queue_timeout"), u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
-        connect_timeout: c.duration(k("connect_timeout"), u.connect_timeout.as_deref(), defaults::CONNECT_TIMEOUT),
-        request_timeout: c.duration(k("request_timeout"), u.request_timeout.as_deref(), defaults::REQUEST_TIMEOUT),
-        idle_timeout: c.duration(k("idle_timeout"), u.idle_timeout.as_deref(), defaults::IDLE_TIMEOUT),
-        max_lifetime: c.duration(k("max_lifetime"), u.max_lifetime.as_deref(), defaults::MAX_LIFETIME),
+        queue_timeout: c.duration(
+            k("queue_timeout"),
+            u.queue_timeout.as_deref(),
+            defaults::QUEUE_TIMEOUT,
+        ),
+        connect_timeout: c.duration(
+            k("connect_timeout"),
+            u.connect_timeout.as_deref(),
+            defaults::CONNECT_TIMEOUT,
+        ),
+        request_timeout: c.duration(
+            k("request_timeout"),
+            u.request_timeout.as_deref(),
+            defaults::REQUEST_TIMEOUT,
+        ),
+        idle_timeout: c.duration(
+            k("idle_timeout"),
+            u.idle_timeout.as_deref(),
+            defaults::IDLE_TIMEOUT,
+        ),
+        max_lifetime: c.duration(
+            k("max_lifetime"),
+            u.max_lifetime.as_deref(),
+            defaults::MAX_LIFETIME,
+        ),
         host_header,
         source_addresses,
-        dns_refresh: c.duration(k("dns_refresh"), u.dns_refresh.as_deref(), defaults::DNS_REFRESH),
-        failure_backoff: c.duration(k("failure_backoff"), u.failure_backoff.as_deref(), defaults::FAILURE_BACKOFF),
+        dns_refresh: c.duration(
+            k("dns_refresh"),
+            u.dns_refresh.as_deref(),
+            defaults::DNS_REFRESH,
+        ),
+        failure_backoff: c.duration(
+            k("failure_backoff"),
+            u.failure_backoff.as_deref(),
+            defaults::FAILURE_BACKOFF,
+        ),
     })
 }
 
-fn listener(c: &mut Checker, i: usize, l: &RawListener, upstreams: &[UpstreamConfig]) -> Option<ListenerConfig> {
+fn listener(
+    c: &mut Checker,
+    i: usize,
+    l: &RawListener,
+    upstreams: &[UpstreamConfig],
+) -> Option<ListenerConfig> {
     let k = |field: &str| format!("listener[{i}].{field}");
     let name = required(c, k("name"), l.name.as_ref())?.to_string();
     let bind = required(c, k("bind"), l.bind.as_ref()).and_then(|b| c.socket_addr(k("bind"), b));
@@ -377,11 +463,17 @@ fn listener(c: &mut Checker, i: usize, l: &RawListener, upstreams: &[UpstreamCon
     let mode = match l.mode.as_deref().map(str::trim) {
         None | Some("http") => Some(Mode::Http),
         Some(m @ ("forward" | "tcp" | "tunnel")) => {
-            c.fail(k("mode"), format!("`{m}` is not available in this version; use \"http\""));
+            c.fail(
+                k("mode"),
+                format!("`{m}` is not available in this version; use \"http\""),
+            );
             None
         }
         Some(m) => {
-            c.fail(k("mode"), format!("`{m}` is not one of http, forward, tcp, tunnel"));
+            c.fail(
+                k("mode"),
+                format!("`{m}` is not one of http, forward, tcp, tunnel"),
+            );
             None
         }
     };
@@ -404,10 +496,19 @@ fn listener(c: &mut Checker, i: usize, l: &RawListener, upstreams: &[UpstreamCon
             }
         },
     };
-    let header_timeout = c.duration(k("header_timeout"), l.header_timeout.as_deref(), defaults::HEADER_TIMEOUT);
+    let header_timeout = c.duration(
+        k("header_timeout"),
+        l.header_timeout.as_deref(),
+        defaults::HEADER_TIMEOUT,
+    );
     let max_clients = c.count(k("max_clients"), l.max_clients, defaults::MAX_CLIENTS, 1);
     // hyper refuses a header buffer below 8 KiB.
-    let max_header_bytes = c.count(k("max_header_bytes"), l.max_header_bytes, defaults::MAX_HEADER_BYTES, 1024);
+    let max_header_bytes = c.count(
+        k("max_header_bytes"),
+        l.max_header_bytes,
+        defaults::MAX_HEADER_BYTES,
+        1024,
+    );
     Some(ListenerConfig {
         name,
         bind: bind?,

@@ -13,7 +13,10 @@ use crate::upstream::pool::PoolError;
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no connection to {endpoint}: {source}")]
-    Pool { endpoint: std::net::SocketAddr, source: PoolError },
+    Pool {
+        endpoint: std::net::SocketAddr,
+        source: PoolError,
+    },
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("request to {endpoint} (from {local}) failed: {source}")]
@@ -23,7 +26,10 @@ pub enum ProxyError {
         source: hyper::Error,
     },
     #[error("no response from {endpoint} within {}", humantime::format_duration(*timeout))]
-    Timeout { endpoint: std::net::SocketAddr, timeout: Duration },
+    Timeout {
+        endpoint: std::net::SocketAddr,
+        timeout: Duration,
+    },
     #[error("no endpoint address is resolved")]
     NoEndpoint,
     #[error("{0}")]
@@ -36,7 +42,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Pool { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream { .. } | ProxyError::NoEndpoint => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect(_) | ProxyError::Upstream { .. } | ProxyError::NoEndpoint => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -54,8 +62,10 @@ impl ProxyError {
         );
         let mut resp = Response::new(super::RespBody::Right(Full::new(Bytes::from(text))));
         *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         resp.headers_mut()
             .insert("x-loopmux-error", HeaderValue::from_static(self.kind()));
         resp

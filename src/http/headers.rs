@@ -48,7 +48,11 @@ pub fn strip_expect(headers: &mut HeaderMap) {
 
 /// Sets `Host` for the upstream request: the fixed value if configured,
 /// else the client's, else (HTTP/1.0 without `Host`) the fallback.
-pub fn set_host(headers: &mut HeaderMap, fixed: Option<&HeaderValue>, fallback: impl FnOnce() -> Option<HeaderValue>) {
+pub fn set_host(
+    headers: &mut HeaderMap,
+    fixed: Option<&HeaderValue>,
+    fallback: impl FnOnce() -> Option<HeaderValue>,
+) {
     if let Some(v) = fixed {
         headers.insert(header::HOST, v.clone());
     } else if !headers.contains_key(header::HOST) {
@@ -65,7 +69,10 @@ mod tests {
     #[test]
     fn strips_standard_and_connection_named_fields() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret , close"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret , close"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));

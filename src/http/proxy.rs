@@ -78,15 +78,21 @@ impl Proxy {
                 }
             }
             let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            parts.uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
+            parts.uri = Uri::try_from(pq)
+                .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
         }
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::strip_expect(&mut parts.headers);
         parts.version = Version::HTTP_11;
 
         // Only requests that can be replayed keep a copy of their head.
-        let replay = (idempotent(&parts.method) && body.is_end_stream())
-            .then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
+        let replay = (idempotent(&parts.method) && body.is_end_stream()).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
         let mut req = Some(Request::from_parts(parts, Either::Left(body)));
         let mut replay = replay;
         let mut fresh = false;
@@ -98,7 +104,11 @@ impl Proxy {
         loop {
             let in_flight = up.pick().ok_or(ProxyError::NoEndpoint)?;
             let ep = in_flight.endpoint().clone();
-            let acquired = if fresh { ep.pool.checkout_fresh().await } else { ep.pool.checkout().await };
+            let acquired = if fresh {
+                ep.pool.checkout_fresh().await
+            } else {
+                ep.pool.checkout().await
+            };
             let mut conn = match acquired.map_err(|source| ProxyError::Pool {
                 endpoint: ep.addr,
                 source,
@@ -122,10 +132,13 @@ impl Proxy {
             };
             let mut r = req.take().expect("a request is present at each attempt");
             let fixed = self.fixed_host.as_ref();
-            headers::set_host(r.headers_mut(), fixed, || HeaderValue::from_str(&ep.addr.to_string()).ok());
+            headers::set_host(r.headers_mut(), fixed, || {
+                HeaderValue::from_str(&ep.addr.to_string()).ok()
+            });
             let reused = conn.is_reused();
             let local = conn.local;
-            let sent = tokio::time::timeout(up.cfg.request_timeout, conn.send.try_send_request(r)).await;
+            let sent =
+                tokio::time::timeout(up.cfg.request_timeout, conn.send.try_send_request(r)).await;
             match sent {
                 Err(_) => {
                     // hyper closes a connection whose request future is dropped.

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::{Empty, Either};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -35,7 +35,10 @@ pub enum ConnectError {
     #[error(transparent)]
     Dial(#[from] DialError),
     #[error("HTTP/1 handshake with {addr} failed: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
 }
 
 /// Dials `ep` into `slot`. The returned connection is checked out.
@@ -43,13 +46,20 @@ pub enum ConnectError {
 /// # Errors
 /// The dial error (with destination, source and errno) or the handshake
 /// error. The slot is released either way.
-pub async fn open(ep: &Endpoint, dialer: &Dialer, slot: Slot<H1Conn>) -> Result<Pooled<H1Conn>, ConnectError> {
+pub async fn open(
+    ep: &Endpoint,
+    dialer: &Dialer,
+    slot: Slot<H1Conn>,
+) -> Result<Pooled<H1Conn>, ConnectError> {
     let dialed = dialer.dial(ep.addr).await?;
     let local = dialed.local;
     let (send, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(dialed.stream))
         .await
-        .map_err(|source| ConnectError::Handshake { addr: ep.addr, source })?;
+        .map_err(|source| ConnectError::Handshake {
+            addr: ep.addr,
+            source,
+        })?;
     let weak = ep.pool.downgrade();
     let id = slot.id();
     let addr = ep.addr;

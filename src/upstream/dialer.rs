@@ -75,11 +75,13 @@ impl fmt::Display for DialError {
             None => f.write_str("kernel-chosen source")?,
         }
         match &self.kind {
-            DialErrorKind::Timeout(d) => write!(f, " timed out after {}", humantime::format_duration(*d)),
-            DialErrorKind::Io(e) => write!(f, " failed: {}", errno_text(e)),
-            DialErrorKind::NoSourceForFamily => {
-                f.write_str(" failed: no source address of the destination's IP family is configured")
+            DialErrorKind::Timeout(d) => {
+                write!(f, " timed out after {}", humantime::format_duration(*d))
             }
+            DialErrorKind::Io(e) => write!(f, " failed: {}", errno_text(e)),
+            DialErrorKind::NoSourceForFamily => f.write_str(
+                " failed: no source address of the destination's IP family is configured",
+            ),
         }
     }
 }
@@ -127,7 +129,10 @@ pub fn errno_text(e: &io::Error) -> String {
 
 /// Whether trying another source address could help.
 fn source_exhausted(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE)
+    )
 }
 
 impl Dialer {
@@ -188,7 +193,12 @@ impl Dialer {
     /// dropping the future closes the half-open socket.
     pub async fn dial(&self, dest: SocketAddr) -> Result<Dialed, DialError> {
         let mut last_source = None;
-        match tokio::time::timeout(self.connect_timeout, self.dial_inner(dest, &mut last_source)).await {
+        match tokio::time::timeout(
+            self.connect_timeout,
+            self.dial_inner(dest, &mut last_source),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(DialError {
                 dest,
@@ -198,7 +208,11 @@ impl Dialer {
         }
     }
 
-    async fn dial_inner(&self, dest: SocketAddr, last_source: &mut Option<IpAddr>) -> Result<Dialed, DialError> {
+    async fn dial_inner(
+        &self,
+        dest: SocketAddr,
+        last_source: &mut Option<IpAddr>,
+    ) -> Result<Dialed, DialError> {
         if self.sources.is_empty() {
             return match connect_from(None, dest).await {
                 Ok(stream) => Ok(finish(stream, None)),
@@ -255,7 +269,11 @@ fn finish(stream: TcpStream, source: Option<usize>) -> Dialed {
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
-    Dialed { stream, local, source }
+    Dialed {
+        stream,
+        local,
+        source,
+    }
 }
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT`, which socket2 has no setter for. Without
@@ -281,7 +299,11 @@ pub fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
 }
 
 async fn connect_from(source: Option<IpAddr>, dest: SocketAddr) -> io::Result<TcpStream> {
-    let sock = Socket::new(Domain::for_address(dest), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(dest),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     sock.set_reuse_address(true)?;
     if let Some(ip) = source {
         set_bind_address_no_port(&sock)?;
@@ -305,7 +327,9 @@ mod tests {
     use super::*;
 
     async fn listener(ip: &str) -> (tokio::net::TcpListener, SocketAddr) {
-        let l = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
+        let l = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
+            .await
+            .unwrap();
         let a = l.local_addr().unwrap();
         (l, a)
     }
@@ -334,7 +358,11 @@ mod tests {
     #[tokio::test]
     async fn round_robins_sources_and_sets_options() {
         let (l, dest) = listener("127.0.0.1").await;
-        let d = Dialer::new(&ips(&["127.0.0.2", "127.0.0.3"]), Duration::from_secs(2), Duration::from_secs(5));
+        let d = Dialer::new(
+            &ips(&["127.0.0.2", "127.0.0.3"]),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
         let mut seen = Vec::new();
         for _ in 0..4 {
             let c = d.dial(dest).await.unwrap();
@@ -354,7 +382,11 @@ mod tests {
     async fn unassigned_source_fails_over_and_is_skipped_after() {
         let (l, dest) = listener("127.0.0.1").await;
         // 198.18.0.1 is not on any interface here: bind gives EADDRNOTAVAIL.
-        let d = Dialer::new(&ips(&["198.18.0.1", "127.0.0.4"]), Duration::from_secs(2), Duration::from_secs(60));
+        let d = Dialer::new(
+            &ips(&["198.18.0.1", "127.0.0.4"]),
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        );
         for _ in 0..3 {
             let c = d.dial(dest).await.unwrap();
             l.accept().await.unwrap();
@@ -367,18 +399,31 @@ mod tests {
     #[tokio::test]
     async fn every_source_failing_names_source_and_errno() {
         let (_l, dest) = listener("127.0.0.1").await;
-        let d = Dialer::new(&ips(&["198.18.0.1"]), Duration::from_secs(2), Duration::from_secs(5));
+        let d = Dialer::new(
+            &ips(&["198.18.0.1"]),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
         let e = d.dial(dest).await.unwrap_err();
         let msg = e.to_string();
         assert_eq!(e.errno(), Some(libc::EADDRNOTAVAIL));
-        assert!(msg.contains(&dest.to_string()) && msg.contains("198.18.0.1") && msg.contains("EADDRNOTAVAIL"), "{msg}");
+        assert!(
+            msg.contains(&dest.to_string())
+                && msg.contains("198.18.0.1")
+                && msg.contains("EADDRNOTAVAIL"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]
     async fn refused_is_reported_without_trying_other_sources() {
         let (l, dest) = listener("127.0.0.1").await;
         drop(l);
-        let d = Dialer::new(&ips(&["127.0.0.2", "127.0.0.3"]), Duration::from_secs(2), Duration::from_secs(5));
+        let d = Dialer::new(
+            &ips(&["127.0.0.2", "127.0.0.3"]),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
         let e = d.dial(dest).await.unwrap_err();
         assert_eq!(e.errno(), Some(libc::ECONNREFUSED));
         assert!(e.to_string().contains("ECONNREFUSED"), "{e}");
@@ -391,7 +436,11 @@ mod tests {
             return;
         };
         let dest = l.local_addr().unwrap();
-        let d = Dialer::new(&ips(&["127.0.0.2", "::1"]), Duration::from_secs(2), Duration::from_secs(5));
+        let d = Dialer::new(
+            &ips(&["127.0.0.2", "::1"]),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
         let c = d.dial(dest).await.unwrap();
         assert_eq!(c.local.ip().to_string(), "::1");
         assert_eq!(c.source, Some(1));
@@ -400,9 +449,17 @@ mod tests {
     #[tokio::test]
     async fn family_mismatch_is_explained() {
         let (_l, dest) = listener("127.0.0.1").await;
-        let d = Dialer::new(&ips(&["::1"]), Duration::from_secs(2), Duration::from_secs(5));
+        let d = Dialer::new(
+            &ips(&["::1"]),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
         let e = d.dial(dest).await.unwrap_err();
-        assert!(e.to_string().contains("no source address of the destination's IP family"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("no source address of the destination's IP family"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

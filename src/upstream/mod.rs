@@ -61,7 +61,11 @@ impl Upstream {
     /// DNS names, the refresh task. A name that does not resolve now is
     /// logged and retried every `dns_refresh`.
     pub async fn start(cfg: UpstreamConfig) -> Arc<Self> {
-        let dialer = Arc::new(Dialer::new(&cfg.source_addresses, cfg.connect_timeout, cfg.failure_backoff));
+        let dialer = Arc::new(Dialer::new(
+            &cfg.source_addresses,
+            cfg.connect_timeout,
+            cfg.failure_backoff,
+        ));
         let up = Arc::new(Upstream {
             dialer,
             endpoints: RwLock::new(Arc::new(Vec::new())),
@@ -70,7 +74,12 @@ impl Upstream {
             cfg,
         });
         up.refresh().await;
-        if up.cfg.endpoints.iter().any(|e| matches!(e, EndpointAddr::Name { .. })) {
+        if up
+            .cfg
+            .endpoints
+            .iter()
+            .any(|e| matches!(e, EndpointAddr::Name { .. }))
+        {
             let weak = Arc::downgrade(&up);
             let period = up.cfg.dns_refresh;
             tokio::spawn(refresh_loop(weak, period));
@@ -90,7 +99,10 @@ impl Upstream {
 
     /// The current endpoint set.
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
-        self.endpoints.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Re-resolves every endpoint: new addresses get pools, vanished ones
@@ -100,14 +112,18 @@ impl Upstream {
         for ep in &self.cfg.endpoints {
             match ep {
                 EndpointAddr::Ip(a) => addrs.push(*a),
-                EndpointAddr::Name { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(found) => addrs.extend(found),
-                    Err(e) => {
-                        tracing::warn!(upstream = %self.cfg.name, endpoint = %ep, error = %e, "cannot resolve endpoint; keeping its previous addresses");
-                        let current = self.endpoints();
-                        addrs.extend(current.iter().map(|e| e.addr).filter(|a| a.port() == *port));
+                EndpointAddr::Name { host, port } => {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(found) => addrs.extend(found),
+                        Err(e) => {
+                            tracing::warn!(upstream = %self.cfg.name, endpoint = %ep, error = %e, "cannot resolve endpoint; keeping its previous addresses");
+                            let current = self.endpoints();
+                            addrs.extend(
+                                current.iter().map(|e| e.addr).filter(|a| a.port() == *port),
+                            );
+                        }
                     }
-                },
+                }
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -150,7 +166,11 @@ impl Upstream {
         if n == 0 {
             return None;
         }
-        let start = if n > 1 { self.rr.fetch_add(1, Ordering::Relaxed) } else { 0 };
+        let start = if n > 1 {
+            self.rr.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
         let now = self.now_ms();
         let mut best: Option<(bool, usize, usize)> = None;
         for k in 0..n {

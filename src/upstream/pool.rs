@@ -263,7 +263,7 @@ impl<T: Reusable> Pool<T> {
             let mut st = inner.lock();
             let mut doomed = Vec::new();
             if fresh {
-                doomed.extend(st.idle.drain(..));
+                doomed.append(&mut st.idle);
             } else {
                 while let Some(idle) = st.idle.pop() {
                     let stale = now.duration_since(idle.since) >= inner.cfg.idle_timeout
@@ -287,7 +287,10 @@ impl<T: Reusable> Pool<T> {
             // Each doomed connection frees its place; it becomes our slot
             // (or a waiter's) below.
             st.open -= doomed.len();
-            inner.stats.discarded.fetch_add(doomed.len() as u64, Ordering::Relaxed);
+            inner
+                .stats
+                .discarded
+                .fetch_add(doomed.len() as u64, Ordering::Relaxed);
             if st.open < inner.cfg.max_connections {
                 st.open += 1;
                 st.next_id += 1;
@@ -359,7 +362,10 @@ impl<T: Reusable> Pool<T> {
             }
             doomed
         };
-        inner.stats.discarded.fetch_add(doomed.len() as u64, Ordering::Relaxed);
+        inner
+            .stats
+            .discarded
+            .fetch_add(doomed.len() as u64, Ordering::Relaxed);
         doomed.len()
     }
 
@@ -381,7 +387,8 @@ impl<T: Reusable> Pool<T> {
     pub fn spawn_reaper(&self) {
         let weak = Arc::downgrade(&self.inner);
         let cfg = self.inner.cfg;
-        let period = (cfg.idle_timeout.min(cfg.max_lifetime) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let period = (cfg.idle_timeout.min(cfg.max_lifetime) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,7 +406,9 @@ impl<T: Reusable> WeakPool<T> {
     /// connection's driver task when the connection ends, so a dead idle
     /// connection frees its place at once.
     pub fn evict(&self, id: u64) {
-        let Some(inner) = self.0.upgrade() else { return };
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
         let doomed = {
             let mut st = inner.lock();
             let Some(pos) = st.idle.iter().position(|i| i.entry.id == id) else {
@@ -480,8 +489,11 @@ impl<T: Reusable> DerefMut for Pooled<T> {
 
 impl<T: Reusable> Drop for Pooled<T> {
     fn drop(&mut self) {
-        let Some(entry) = self.entry.take() else { return };
-        let keep = !self.discard && entry.conn.is_usable() && !self.inner.expired(&entry, Instant::now());
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        let keep =
+            !self.discard && entry.conn.is_usable() && !self.inner.expired(&entry, Instant::now());
         let inner = &self.inner;
         let closed = {
             let mut st = inner.lock();
@@ -577,7 +589,10 @@ mod tests {
         let waiter = tokio::spawn(async move { p2.checkout().await.map(|_| ()) });
         tokio::task::yield_now().await;
         assert_eq!(pool.snapshot().waiting, 1);
-        assert!(matches!(pool.checkout().await, Err(PoolError::QueueFull(1))));
+        assert!(matches!(
+            pool.checkout().await,
+            Err(PoolError::QueueFull(1))
+        ));
         drop(_a);
         waiter.await.unwrap().unwrap();
     }
@@ -599,7 +614,8 @@ mod tests {
         let pool = Pool::new(cfg(1, 10));
         let a = get(&pool).await;
         let p2 = pool.clone();
-        let waiter = tokio::spawn(async move { matches!(p2.checkout().await, Ok(Acquired::Dial(_))) });
+        let waiter =
+            tokio::spawn(async move { matches!(p2.checkout().await, Ok(Acquired::Dial(_))) });
         tokio::task::yield_now().await;
         a.alive.store(false, Ordering::Relaxed);
         drop(a);
@@ -609,7 +625,9 @@ mod tests {
     #[tokio::test]
     async fn dropped_slot_frees_place() {
         let pool: Pool<Fake> = Pool::new(cfg(1, 10));
-        let Acquired::Dial(slot) = pool.checkout().await.unwrap() else { panic!() };
+        let Acquired::Dial(slot) = pool.checkout().await.unwrap() else {
+            panic!()
+        };
         assert_eq!(pool.snapshot().open, 1);
         drop(slot); // dial failed
         assert_eq!(pool.snapshot().open, 0);
@@ -634,7 +652,14 @@ mod tests {
         let p = get(&pool).await;
         tokio::time::advance(Duration::from_secs(26)).await;
         drop(p); // too old: closed on return
-        assert_eq!(pool.snapshot(), PoolSnapshot { open: 0, idle: 0, waiting: 0 });
+        assert_eq!(
+            pool.snapshot(),
+            PoolSnapshot {
+                open: 0,
+                idle: 0,
+                waiting: 0
+            }
+        );
     }
 
     #[tokio::test]
@@ -645,7 +670,14 @@ mod tests {
         drop(a);
         assert_eq!(pool.snapshot().idle, 1);
         pool.downgrade().evict(id);
-        assert_eq!(pool.snapshot(), PoolSnapshot { open: 0, idle: 0, waiting: 0 });
+        assert_eq!(
+            pool.snapshot(),
+            PoolSnapshot {
+                open: 0,
+                idle: 0,
+                waiting: 0
+            }
+        );
     }
 
     #[tokio::test]
@@ -700,7 +732,11 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(peak.load(Ordering::SeqCst) <= 4, "peak {}", peak.load(Ordering::SeqCst));
+        assert!(
+            peak.load(Ordering::SeqCst) <= 4,
+            "peak {}",
+            peak.load(Ordering::SeqCst)
+        );
         assert!(pool.snapshot().open <= 4);
     }
 }

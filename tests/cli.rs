@@ -1,0 +1,157 @@
+//! The `loopmux` binary: --help, --version, check on every shipped config,
+//! and run + SIGTERM.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_loopmux");
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("run") && text.contains("check"), "{text}");
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("loopmux {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        // extension(), not ends_with(".toml"): the latter compares whole
+        // path components and matches nothing.
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(BIN)
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no config/*.toml was checked");
+}
+
+#[test]
+fn check_rejects_a_typo_with_exit_64_and_the_key() {
+    let dir = std::env::temp_dir().join(format!("loopmux-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    let good =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/loopmux.toml"))
+            .unwrap();
+    std::fs::write(
+        &file,
+        good.replace("max_connections = 8", "max_conections = 8"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_conections") && err.contains("upstream[0]"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A child process killed on drop, by its own pid.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn run_serves_and_stops_cleanly_on_sigterm() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(support::origin());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("loopmux-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("run.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"u\"\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            origin.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let start = Instant::now();
+    let mut served = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        let (code, out, _) = rt.block_on(support::curl(&[&url]));
+        if code == 0 && out == "ok\n" {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served, "loopmux run never served {url}");
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "loopmux did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("listening") && log.contains("listener=t"),
+        "{log}"
+    );
+    assert!(log.contains("SIGTERM"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
