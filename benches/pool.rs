@@ -50,26 +50,30 @@ fn bench(c: &mut Criterion) {
     const PER_TASK: u64 = 200;
     for tasks in [8u64, 64] {
         g.throughput(Throughput::Elements(tasks * PER_TASK));
-        g.bench_with_input(BenchmarkId::new("checkout_return_contended_cap8", tasks), &tasks, |b, &tasks| {
-            let p = pool(8);
-            b.to_async(&rt).iter(|| {
-                let p = p.clone();
-                async move {
-                    let mut hs = Vec::with_capacity(tasks as usize);
-                    for _ in 0..tasks {
-                        let p = p.clone();
-                        hs.push(tokio::spawn(async move {
-                            for _ in 0..PER_TASK {
-                                cycle(&p).await;
-                            }
-                        }));
+        g.bench_with_input(
+            BenchmarkId::new("checkout_return_contended_cap8", tasks),
+            &tasks,
+            |b, &tasks| {
+                let p = pool(8);
+                b.to_async(&rt).iter(|| {
+                    let p = p.clone();
+                    async move {
+                        let mut hs = Vec::with_capacity(tasks as usize);
+                        for _ in 0..tasks {
+                            let p = p.clone();
+                            hs.push(tokio::spawn(async move {
+                                for _ in 0..PER_TASK {
+                                    cycle(&p).await;
+                                }
+                            }));
+                        }
+                        for h in hs {
+                            h.await.unwrap();
+                        }
                     }
-                    for h in hs {
-                        h.await.unwrap();
-                    }
-                }
-            });
-        });
+                });
+            },
+        );
     }
     g.finish();
 }

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Comparative load benchmark, run by hand (not by CI):
+#   loopmux vs HAProxy (http-reuse always, maxconn 8) vs nginx (keepalive 8)
+# in front of the same local nginx origin, each driven by the same load:
+# a new client connection per request (wrk -H 'Connection: close'),
+# 16 concurrent, interleaved over several rounds. Loopback only.
+#
+#   benches/compare.sh [rounds] [seconds]      (needs: nginx haproxy wrk)
+#
+# Prints: requests/s, p99, proxy CPU ms per 1,000 requests (utime+stime from
+# /proc), and the connections the origin accepted during the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+SECS=${2:-10}
+CONC=16
+for t in nginx haproxy wrk; do
+    command -v "$t" >/dev/null || { echo "missing $t: apt-get install nginx-light haproxy wrk" >&2; exit 1; }
+done
+cargo build --release --quiet
+BIN=$PWD/target/release/loopmux
+WORK=$(mktemp -d /tmp/loopmux-compare.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+ORIGIN=127.0.0.1:19100
+STATUS=127.0.0.1:19101
+NGINX_MODULES=/usr/share/nginx/modules-available
+mkdir -p "$WORK"/{origin,nginx}
+
+cat > "$WORK/origin.conf" <<CONF
+daemon off; worker_processes 1; pid $WORK/origin.pid; error_log $WORK/origin.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/origin; proxy_temp_path $WORK/origin;
+  fastcgi_temp_path $WORK/origin; uwsgi_temp_path $WORK/origin; scgi_temp_path $WORK/origin;
+  keepalive_requests 10000000; keepalive_timeout 300s;
+  server { listen $ORIGIN; location / { return 200 "ok\n"; } }
+  server { listen $STATUS; location / { stub_status; } }
+}
+CONF
+cat > "$WORK/loopmux.toml" <<CONF
+[[listener]]
+name = "bench"
+bind = "127.0.0.1:19200"
+upstream = "origin"
+[[upstream]]
+name = "origin"
+endpoints = ["$ORIGIN"]
+max_connections = 8
+CONF
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:19201
+  default_backend be
+backend be
+  http-reuse always
+  server origin $ORIGIN maxconn 8
+CONF
+cat > "$WORK/nginx.conf" <<CONF
+daemon off; worker_processes 2; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx;
+  fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
+  upstream origin { server $ORIGIN; keepalive 8; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:19202;
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+
+nginx -c "$WORK/origin.conf" -e "$WORK/origin.err" & PIDS+=($!)
+"$BIN" run --config "$WORK/loopmux.toml" 2>"$WORK/loopmux.log" & PIDS+=($!); LMX=$!
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!); HAP=$!
+nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & PIDS+=($!); NGX=$!
+sleep 1
+
+accepts() { curl -s "http://$STATUS/" | awk 'NR==3 {print $1}'; }
+# CPU ticks of a process and its children (nginx workers), by pid.
+ticks() {
+    local total=0 p
+    for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        [ -r /proc/"$p"/stat ] || continue
+        total=$((total + $(awk '{print $14 + $15}' /proc/"$p"/stat)))
+    done
+    echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202)
+declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX)
+RESULTS="$WORK/results"
+: > "$RESULTS"
+for name in loopmux haproxy nginx; do   # warm-up, not counted
+    wrk -t2 -c$CONC -d2s -H 'Connection: close' "http://127.0.0.1:${PORT[$name]}/" >/dev/null
+done
+for round in $(seq 1 "$ROUNDS"); do
+    for name in loopmux haproxy nginx; do
+        a0=$(accepts); t0=$(ticks "${PID[$name]}")
+        out=$(wrk -t2 -c$CONC -d"${SECS}s" --latency -H 'Connection: close' "http://127.0.0.1:${PORT[$name]}/")
+        t1=$(ticks "${PID[$name]}"); a1=$(accepts)
+        rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+        total=$(awk '/requests in/ {print $1}' <<<"$out")
+        p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+        errs=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' <<<"$out")
+        # The stub_status request itself is one accepted connection.
+        conns=$((a1 - a0 - 1))
+        cpu=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$total" 'BEGIN {printf "%.1f", d * 1000 / hz / n * 1000}')
+        echo "$name $round $rps $p99 $cpu $conns ${errs:-}" >> "$RESULTS"
+    done
+done
+
+printf '\n%-8s | %5s | %10s | %9s | %16s | %15s | %s\n' proxy round "req/s" p99 "CPU ms/1k req" "origin conns" errors
+printf -- '---------|-------|------------|-----------|------------------|-----------------|-------\n'
+while read -r name round rps p99 cpu conns errs; do
+    printf '%-8s | %5s | %10s | %9s | %16s | %15s | %s\n' "$name" "$round" "$rps" "$p99" "$cpu" "$conns" "${errs:-}"
+done < "$RESULTS"
+echo
+echo "median over rounds:"
+for name in loopmux haproxy nginx; do
+    awk -v n="$name" '$1==n {print $3, $5}' "$RESULTS" | sort -n | awk -v n="$name" '{r[NR]=$1; c[NR]=$2} END {m=int((NR+1)/2); printf "  %-8s %10s req/s  %s CPU ms/1k req\n", n, r[m], c[m]}'
+done
