@@ -58,7 +58,7 @@ CONF
 cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread 2
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 2s
