@@ -1,12 +1,20 @@
-//! Reads the kernel's socket tables (`/proc/net/tcp{,6}`) to count sockets
-//! by state and destination: how the lab measures TIME_WAIT, and the base
-//! of the `diagnose` report.
+//! `loopmux diagnose`: reads the kernel's socket tables
+//! (`/proc/net/tcp{,6}`) and the sysctls that decide ephemeral-port
+//! exhaustion, and reports the destinations under the most pressure.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
 
 /// TCP states as numbered in `include/net/tcp_states.h`.
 pub const ESTABLISHED: u8 = 0x01;
 pub const TIME_WAIT: u8 = 0x06;
+pub const LISTEN: u8 = 0x0A;
+/// `TCP_TIMEWAIT_LEN`: fixed at 60 s in the kernel.
+pub const TIME_WAIT_SECS: u64 = 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockEntry {
@@ -73,6 +81,353 @@ pub fn count_toward(entries: &[SockEntry], remote: SocketAddr, state: u8) -> usi
         .count()
 }
 
+/// Where to read from: a real `/proc`, or a fixture tree with the same
+/// layout (`net/tcp`, `sys/net/ipv4/...`).
+#[derive(Debug, Clone)]
+pub struct ProcSource {
+    pub net_dir: PathBuf,
+    pub sys_dir: PathBuf,
+}
+
+impl ProcSource {
+    /// This thread's network namespace.
+    pub fn live() -> Self {
+        ProcSource {
+            net_dir: "/proc/thread-self/net".into(),
+            sys_dir: "/proc/sys".into(),
+        }
+    }
+
+    /// A copy of `/proc` laid out under `dir` (`dir/net/tcp`, `dir/sys/...`).
+    pub fn fixture(dir: &Path) -> Self {
+        ProcSource {
+            net_dir: dir.join("net"),
+            sys_dir: dir.join("sys"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+pub struct DiagnoseError {
+    pub path: String,
+    pub source: std::io::Error,
+}
+
+/// The sysctls that decide how many connections a host can open.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Sysctls {
+    pub ip_local_port_range: (u16, u16),
+    /// Ranges from `ip_local_reserved_ports`.
+    pub ip_local_reserved_ports: Vec<(u16, u16)>,
+    pub tcp_tw_reuse: Option<u8>,
+    pub tcp_timestamps: Option<u8>,
+    pub tcp_fin_timeout: Option<u32>,
+    pub tcp_max_tw_buckets: Option<u64>,
+}
+
+impl Sysctls {
+    /// Ports `connect()` may choose from: the range less reserved ports.
+    pub fn usable_ports(&self) -> u32 {
+        let (lo, hi) = self.ip_local_port_range;
+        let total = u32::from(hi.saturating_sub(lo)) + 1;
+        let reserved: u32 = self
+            .ip_local_reserved_ports
+            .iter()
+            .map(|&(a, b)| {
+                let (a, b) = (a.max(lo), b.min(hi));
+                if a <= b {
+                    u32::from(b - a) + 1
+                } else {
+                    0
+                }
+            })
+            .sum();
+        total.saturating_sub(reserved)
+    }
+
+    fn in_range(&self, port: u16) -> bool {
+        let (lo, hi) = self.ip_local_port_range;
+        port >= lo
+            && port <= hi
+            && !self
+                .ip_local_reserved_ports
+                .iter()
+                .any(|&(a, b)| port >= a && port <= b)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Ok,
+    AtRisk,
+    Exhausted,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::AtRisk => "at risk",
+            Verdict::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// Outgoing connections from one local IP to one `ip:port`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Destination {
+    pub local_ip: IpAddr,
+    pub remote: SocketAddr,
+    pub time_wait: usize,
+    pub established: usize,
+    pub other: usize,
+    /// Ephemeral ports held toward this destination, of the usable ones.
+    pub share: f64,
+    /// New connections/s this source can sustain toward it: usable / 60 s.
+    pub sustainable_per_sec: f64,
+    /// TIME_WAIT here is reused by the kernel (`tcp_tw_reuse`), so it does
+    /// not count against the ports.
+    pub time_wait_reusable: bool,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub sysctls: Sysctls,
+    pub usable_ports: u32,
+    pub sockets_total: usize,
+    pub time_wait_total: usize,
+    /// Worst first.
+    pub destinations: Vec<Destination>,
+    pub verdict: Verdict,
+    /// A loopmux config for the worst non-loopback destinations at risk.
+    pub suggested_config: Option<String>,
+}
+
+fn read(path: &Path) -> Result<String, DiagnoseError> {
+    std::fs::read_to_string(path).map_err(|source| DiagnoseError {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn ranges(text: &str) -> Vec<(u16, u16)> {
+    text.trim()
+        .split(',')
+        .filter_map(|p| {
+            let p = p.trim();
+            if p.is_empty() {
+                return None;
+            }
+            match p.split_once('-') {
+                Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+                None => p.parse().ok().map(|v| (v, v)),
+            }
+        })
+        .collect()
+}
+
+impl Sysctls {
+    /// # Errors
+    /// When `ip_local_port_range` cannot be read; the others are optional.
+    pub fn read(src: &ProcSource) -> Result<Sysctls, DiagnoseError> {
+        let ipv4 = src.sys_dir.join("net/ipv4");
+        let range_text = read(&ipv4.join("ip_local_port_range"))?;
+        let mut it = range_text
+            .split_whitespace()
+            .filter_map(|v| v.parse::<u16>().ok());
+        let ip_local_port_range = match (it.next(), it.next()) {
+            (Some(a), Some(b)) => (a, b),
+            _ => (32768, 60999),
+        };
+        let opt = |name: &str| {
+            std::fs::read_to_string(ipv4.join(name))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        Ok(Sysctls {
+            ip_local_port_range,
+            ip_local_reserved_ports: opt("ip_local_reserved_ports")
+                .map(|s| ranges(&s))
+                .unwrap_or_default(),
+            tcp_tw_reuse: opt("tcp_tw_reuse").and_then(|s| s.parse().ok()),
+            tcp_timestamps: opt("tcp_timestamps").and_then(|s| s.parse().ok()),
+            tcp_fin_timeout: opt("tcp_fin_timeout").and_then(|s| s.parse().ok()),
+            tcp_max_tw_buckets: opt("tcp_max_tw_buckets").and_then(|s| s.parse().ok()),
+        })
+    }
+}
+
+/// Builds the report from sockets and sysctls. Pure: fixture tests call it.
+pub fn analyze(sockets: &[SockEntry], sysctls: Sysctls) -> Report {
+    let usable = sysctls.usable_ports().max(1);
+    let mut groups: BTreeMap<(IpAddr, SocketAddr), (usize, usize, usize)> = BTreeMap::new();
+    for s in sockets {
+        // Outgoing connections only: the local port is an ephemeral one.
+        if s.state == LISTEN || s.remote.port() == 0 || !sysctls.in_range(s.local.port()) {
+            continue;
+        }
+        let g = groups.entry((s.local.ip(), s.remote)).or_default();
+        match s.state {
+            TIME_WAIT => g.0 += 1,
+            ESTABLISHED => g.1 += 1,
+            _ => g.2 += 1,
+        }
+    }
+    let tw_reuse = sysctls.tcp_tw_reuse.unwrap_or(0);
+    let timestamps = sysctls.tcp_timestamps.unwrap_or(1) != 0;
+    let mut destinations: Vec<Destination> = groups
+        .into_iter()
+        .map(|((local_ip, remote), (tw, est, other))| {
+            let time_wait_reusable =
+                timestamps && (tw_reuse == 1 || (tw_reuse == 2 && remote.ip().is_loopback()));
+            let held = est + other + if time_wait_reusable { 0 } else { tw };
+            let share = held as f64 / f64::from(usable);
+            let verdict = if share >= 0.95 {
+                Verdict::Exhausted
+            } else if share >= 0.5 {
+                Verdict::AtRisk
+            } else {
+                Verdict::Ok
+            };
+            Destination {
+                local_ip,
+                remote,
+                time_wait: tw,
+                established: est,
+                other,
+                share,
+                sustainable_per_sec: f64::from(usable) / TIME_WAIT_SECS as f64,
+                time_wait_reusable,
+                verdict,
+            }
+        })
+        .collect();
+    destinations.sort_by(|a, b| {
+        b.share
+            .partial_cmp(&a.share)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(b.time_wait.cmp(&a.time_wait))
+            .then(a.remote.cmp(&b.remote))
+    });
+    let verdict = destinations
+        .iter()
+        .map(|d| d.verdict)
+        .max()
+        .unwrap_or(Verdict::Ok);
+    let suggested_config = suggest(&destinations);
+    Report {
+        usable_ports: usable,
+        sockets_total: sockets.len(),
+        time_wait_total: sockets.iter().filter(|s| s.state == TIME_WAIT).count(),
+        sysctls,
+        destinations,
+        verdict,
+        suggested_config,
+    }
+}
+
+fn suggest(dests: &[Destination]) -> Option<String> {
+    let mut remotes: Vec<SocketAddr> = Vec::new();
+    for d in dests {
+        if d.verdict != Verdict::Ok && !d.remote.ip().is_loopback() && !remotes.contains(&d.remote)
+        {
+            remotes.push(d.remote);
+        }
+        if remotes.len() == 3 {
+            break;
+        }
+    }
+    if remotes.is_empty() {
+        return None;
+    }
+    let mut out =
+        String::from("# Point the application at the listener instead of the remote address.\n");
+    for (i, r) in remotes.iter().enumerate() {
+        let name = format!("dest{}", i + 1);
+        let _ = write!(
+            out,
+            "\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{}\"\nmode = \"http\"\nupstream = \"{name}\"\nclient_keepalive = false\n\n[[upstream]]\nname = \"{name}\"\nendpoints = [\"{r}\"]\nmax_connections = 8\n",
+            18080 + i
+        );
+    }
+    Some(out)
+}
+
+/// Reads sockets and sysctls from `src` and analyzes them.
+///
+/// # Errors
+/// When the socket table or the port range cannot be read.
+pub fn diagnose(src: &ProcSource) -> Result<Report, DiagnoseError> {
+    let tcp = src.net_dir.join("tcp");
+    let mut sockets = parse_table(&read(&tcp)?);
+    if let Ok(t6) = std::fs::read_to_string(src.net_dir.join("tcp6")) {
+        sockets.extend(parse_table(&t6));
+    }
+    Ok(analyze(&sockets, Sysctls::read(src)?))
+}
+
+impl Report {
+    /// The human-readable report; `top` destinations at most.
+    pub fn render(&self, top: usize) -> String {
+        let s = &self.sysctls;
+        let mut o = String::new();
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+        let _ = writeln!(o, "loopmux diagnose: {}", self.verdict.as_str());
+        let _ = writeln!(
+            o,
+            "ephemeral ports: {}-{} ({} usable); tcp_tw_reuse={} tcp_timestamps={} tcp_fin_timeout={} tcp_max_tw_buckets={}",
+            s.ip_local_port_range.0,
+            s.ip_local_port_range.1,
+            self.usable_ports,
+            opt(s.tcp_tw_reuse.map(|v| v.to_string())),
+            opt(s.tcp_timestamps.map(|v| v.to_string())),
+            opt(s.tcp_fin_timeout.map(|v| v.to_string())),
+            opt(s.tcp_max_tw_buckets.map(|v| v.to_string())),
+        );
+        let _ = writeln!(
+            o,
+            "sockets: {} ({} in TIME_WAIT); each source IP sustains {:.0} new connections/s toward one ip:port",
+            self.sockets_total,
+            self.time_wait_total,
+            f64::from(self.usable_ports) / TIME_WAIT_SECS as f64
+        );
+        if self.destinations.is_empty() {
+            let _ = writeln!(o, "no outgoing connections from the ephemeral range");
+        } else {
+            let _ = writeln!(
+                o,
+                "\n{:<16} {:<28} {:>9} {:>11} {:>7} {:>10}  verdict",
+                "local ip", "destination", "TIME_WAIT", "ESTABLISHED", "share", "max new/s"
+            );
+            for d in self.destinations.iter().take(top) {
+                let _ = writeln!(
+                    o,
+                    "{:<16} {:<28} {:>9} {:>11} {:>6.1}% {:>10.0}  {}{}",
+                    d.local_ip.to_string(),
+                    d.remote.to_string(),
+                    d.time_wait,
+                    d.established,
+                    d.share * 100.0,
+                    d.sustainable_per_sec,
+                    d.verdict.as_str(),
+                    if d.time_wait_reusable {
+                        " (TIME_WAIT reusable)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        if let Some(cfg) = &self.suggested_config {
+            let _ = writeln!(o, "\nSuggested loopmux config:\n\n{cfg}");
+        }
+        o
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +447,57 @@ mod tests {
         let e = parse_table(v6);
         assert_eq!(e[0].local, "[::1]:8080".parse().unwrap());
         assert_eq!(e[0].state, ESTABLISHED);
+    }
+
+    #[test]
+    fn fixture_report_has_exact_numbers() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proc-exhausted");
+        let r = diagnose(&ProcSource::fixture(&dir)).unwrap();
+        assert_eq!(r.usable_ports, 990);
+        assert_eq!(r.sockets_total, 2 + 600 + 20 + 950 + 10 + 900 + 5 + 3);
+        assert_eq!(r.time_wait_total, 600 + 950 + 900);
+        assert_eq!(r.verdict, Verdict::Exhausted);
+        let d: Vec<_> = r
+            .destinations
+            .iter()
+            .map(|d| (d.remote.to_string(), d.time_wait, d.established, d.verdict))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                ("198.18.0.3:5432".to_string(), 950, 10, Verdict::Exhausted),
+                ("198.18.0.2:443".to_string(), 600, 20, Verdict::AtRisk),
+                ("127.0.0.1:8080".to_string(), 900, 5, Verdict::Ok),
+                ("[::1]:9000".to_string(), 0, 3, Verdict::Ok),
+            ]
+        );
+        assert!((r.destinations[0].share - 960.0 / 990.0).abs() < 1e-9);
+        assert!((r.destinations[1].share - 620.0 / 990.0).abs() < 1e-9);
+        assert!(
+            r.destinations[2].time_wait_reusable,
+            "tw_reuse=2 covers loopback"
+        );
+        assert!((r.destinations[0].sustainable_per_sec - 16.5).abs() < 1e-9);
+        let cfg = r.suggested_config.as_deref().unwrap();
+        assert!(
+            cfg.contains("endpoints = [\"198.18.0.3:5432\"]")
+                && cfg.contains("endpoints = [\"198.18.0.2:443\"]"),
+            "{cfg}"
+        );
+        assert!(
+            !cfg.contains("\"127.0.0.1:8080\""),
+            "loopback destinations need no loopmux: {cfg}"
+        );
+        // The suggestion is a valid loopmux config.
+        crate::config::load_str(cfg, Default::default()).unwrap();
+        let text = r.render(10);
+        assert!(
+            text.contains("loopmux diagnose: exhausted") && text.contains("97.0%"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["verdict"], "exhausted");
+        assert_eq!(json["destinations"][0]["time_wait"], 950);
     }
 }

@@ -33,6 +33,18 @@ enum Cmd {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Report ephemeral-port exhaustion risk on this host, per destination.
+    Diagnose {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Read a copy of /proc laid out under DIR (DIR/net/tcp, DIR/sys/net/ipv4/...).
+        #[arg(long, value_name = "DIR")]
+        proc: Option<PathBuf>,
+        /// How many destinations to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +74,33 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => run(&config),
+        Cmd::Diagnose { json, proc, top } => {
+            let src = match proc {
+                Some(dir) => loopmux::diagnose::ProcSource::fixture(&dir),
+                None => loopmux::diagnose::ProcSource::live(),
+            };
+            match loopmux::diagnose::diagnose(&src) {
+                Ok(mut report) => {
+                    if json {
+                        report.destinations.truncate(top);
+                        match serde_json::to_string_pretty(&report) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => {
+                                eprintln!("cannot encode the report: {e}");
+                                return ExitCode::from(EXIT_FAILURE);
+                            }
+                        }
+                    } else {
+                        print!("{}", report.render(top));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
     }
 }
 

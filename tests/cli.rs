@@ -155,3 +155,35 @@ fn run_serves_and_stops_cleanly_on_sigterm() {
     assert!(log.contains("SIGTERM"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn diagnose_reads_fixture_as_text_and_json() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proc-exhausted");
+    let out = Command::new(BIN)
+        .args(["diagnose", "--proc"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("loopmux diagnose: exhausted"), "{text}");
+    assert!(
+        text.contains("198.18.0.3:5432") && text.contains("Suggested loopmux config"),
+        "{text}"
+    );
+    let out = Command::new(BIN)
+        .args(["diagnose", "--json", "--top", "2", "--proc"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["usable_ports"], 990);
+    assert_eq!(v["destinations"].as_array().unwrap().len(), 2);
+    assert_eq!(v["destinations"][1]["verdict"], "at_risk");
+    let out = Command::new(BIN)
+        .args(["diagnose", "--proc", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/net/tcp"));
+}

@@ -198,6 +198,8 @@ fn exhaustion_lab() {
             spec.source = Some(CLIENT_IPS[0].parse().unwrap());
             spec.deadline = Duration::from_secs(60);
             let direct = load::run(spec).await;
+            // diagnose, on the real TIME_WAIT the direct phase left here.
+            let report = loopmux::diagnose::diagnose(&loopmux::diagnose::ProcSource::live()).unwrap();
 
             // 2. Through loopmux: loopmux closes first on loopback, reuses
             //    at most MAX_CONNECTIONS upstream connections.
@@ -225,14 +227,24 @@ fn exhaustion_lab() {
             let sockets = read_sockets().unwrap();
             let time_wait_toward_upstream = count_toward(&sockets, behind_addr, TIME_WAIT);
             app.stop(Duration::from_secs(5)).await;
-            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail)
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report)
         })
     })
     .join();
     let _ = stop_tx.send(());
     let _ = server.join();
-    let (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail) =
+    let (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report) =
         result.expect("client side of the lab panicked");
+    println!(
+        "diagnose in the client namespace after the direct phase:\n{}",
+        report.render(5)
+    );
+    let worst = &report.destinations[0];
+    assert_eq!(worst.remote, direct_addr, "{}", report.render(5));
+    assert_eq!(worst.local_ip.to_string(), CLIENT_IPS[0]);
+    assert_eq!(worst.verdict, loopmux::diagnose::Verdict::Exhausted);
+    assert_eq!(report.usable_ports, 1000);
+    assert!(worst.time_wait >= 990, "{}", report.render(5));
     let f = Figures {
         direct,
         through,
