@@ -38,6 +38,8 @@ pub struct LoadSpec {
     pub deadline: Duration,
     /// Per request.
     pub timeout: Duration,
+    /// Incremented after each request, for progress display.
+    pub done: Option<Arc<AtomicUsize>>,
 }
 
 impl LoadSpec {
@@ -51,6 +53,7 @@ impl LoadSpec {
             source: None,
             deadline: Duration::from_secs(120),
             timeout: Duration::from_secs(10),
+            done: None,
         }
     }
 }
@@ -121,6 +124,9 @@ pub async fn run(spec: LoadSpec) -> LoadReport {
                     Err(_) => Outcome::Err("timeout".into()),
                 };
                 out.push(r);
+                if let Some(d) = &spec.done {
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
             }
             out
         }));

@@ -187,3 +187,53 @@ fn diagnose_reads_fixture_as_text_and_json() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/net/tcp"));
 }
+
+#[test]
+fn demo_prints_a_table_with_both_phases() {
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--requests",
+            "300",
+            "--concurrency",
+            "4",
+            "--max-connections",
+            "2",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name} row: {text}"));
+        line.split('|')
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    let direct = row("direct");
+    let through = row("through loopmux");
+    assert_eq!(direct[1], "300");
+    assert_eq!(
+        direct[7], "300",
+        "each direct request is a new upstream connection: {text}"
+    );
+    assert_eq!(
+        (through[2].as_str(), through[3].as_str()),
+        ("300", "0"),
+        "{text}"
+    );
+    let conns: usize = through[7].parse().unwrap();
+    assert!(
+        conns <= 2,
+        "loopmux opened {conns} upstream connections: {text}"
+    );
+}
