@@ -3,6 +3,7 @@
 //!
 //! See `DESIGN.md` in the shared folder for the contract between modules.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
@@ -10,6 +11,8 @@ pub mod diagnose;
 pub mod http;
 pub mod listener;
 pub mod load;
+pub mod metrics;
 pub mod origin;
 pub mod shutdown;
+pub mod state;
 pub mod upstream;

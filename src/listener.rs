@@ -21,13 +21,10 @@ use crate::upstream::dialer::errno_text;
 const BACKLOG: i32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "listener[{index}] ({name}): cannot bind {addr}: {}",
-    errno_text(source)
-)]
+#[error("{key}: cannot bind {addr}: {}", errno_text(source))]
 pub struct BindError {
-    pub index: usize,
-    pub name: String,
+    /// The config key, e.g. `listener[0].bind (partner)` or `admin.bind`.
+    pub key: String,
     pub addr: SocketAddr,
     pub source: io::Error,
 }
@@ -38,8 +35,7 @@ pub struct BindError {
 /// [`BindError`] naming the listener, address and errno.
 pub fn bind(index: usize, cfg: &ListenerConfig) -> Result<std::net::TcpListener, BindError> {
     bind_addr(cfg.bind).map_err(|source| BindError {
-        index,
-        name: cfg.name.clone(),
+        key: format!("listener[{index}].bind ({})", cfg.name),
         addr: cfg.bind,
         source,
     })
@@ -66,6 +62,7 @@ pub async fn accept_loop(
     server: Arc<HttpServer>,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
     shutdown: CancellationToken,
+    stats: crate::metrics::ListenerStats,
 ) {
     let limit = Arc::new(Semaphore::new(max_clients));
     loop {
@@ -80,13 +77,17 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                stats.accepted.inc();
+                let active = stats.active.clone();
                 let server = server.clone();
                 let watcher = graceful.watcher();
                 let span = tracing::debug_span!("conn", listener = %name, client.addr = %peer);
                 tokio::spawn(
                     async move {
                         let _permit = permit;
+                        active.inc();
                         server.serve(stream, watcher).await;
+                        active.dec();
                     }
                     .instrument(span),
                 );

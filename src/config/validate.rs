@@ -286,7 +286,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                     format!("`{}` is used by another listener", lc.name),
                 );
             }
-            if !binds.insert(lc.bind) {
+            // Port 0 (tests, demo) is a fresh port each time: never a clash.
+            if lc.bind.port() != 0 && !binds.insert(lc.bind) {
                 c.fail(
                     format!("listener[{i}].bind"),
                     format!("{} is bound by another listener", lc.bind),
@@ -296,7 +297,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
     if let Some(a) = &admin {
-        if binds.contains(&a.bind) {
+        if a.bind.port() != 0 && binds.contains(&a.bind) {
             c.fail(
                 "admin.bind",
                 format!("{} is also a listener's bind", a.bind),

@@ -23,6 +23,7 @@ pub struct Proxy {
     pub listener: String,
     pub upstream: Arc<Upstream>,
     fixed_host: Option<HeaderValue>,
+    stats: crate::metrics::ListenerStats,
 }
 
 /// RFC 9110 §9.2.2: safe to repeat.
@@ -34,7 +35,11 @@ fn idempotent(m: &Method) -> bool {
 }
 
 impl Proxy {
-    pub fn new(listener: String, upstream: Arc<Upstream>) -> Self {
+    pub fn new(
+        listener: String,
+        upstream: Arc<Upstream>,
+        stats: crate::metrics::ListenerStats,
+    ) -> Self {
         let fixed_host = match &upstream.cfg.host_header {
             HostHeader::Keep => None,
             HostHeader::Fixed(v) => Some(v.clone()),
@@ -43,6 +48,7 @@ impl Proxy {
             listener,
             upstream,
             fixed_host,
+            stats,
         }
     }
 
@@ -50,7 +56,7 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
         let started = tokio::time::Instant::now();
         let method = req.method().clone();
-        match self.forward(req).await {
+        let resp = match self.forward(req).await {
             Ok(resp) => {
                 tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
                 resp
@@ -59,7 +65,10 @@ impl Proxy {
                 tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
                 e.into_response(&self.upstream.cfg.name)
             }
-        }
+        };
+        self.stats
+            .record(resp.status().as_u16(), started.elapsed().as_secs_f64());
+        resp
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<RespBody>, ProxyError> {
@@ -171,6 +180,8 @@ impl Proxy {
                             tracing::debug!(endpoint = %ep.addr, "reused connection was closed before the request was written; retrying on a fresh one");
                             req = Some(back);
                             fresh = true;
+                            up.retries
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             continue;
                         }
                         // Possibly written: only an idempotent, bodiless request.
@@ -182,6 +193,8 @@ impl Proxy {
                             *again.headers_mut() = h;
                             req = Some(again);
                             fresh = true;
+                            up.retries
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             continue;
                         }
                     }

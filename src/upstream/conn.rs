@@ -2,6 +2,7 @@
 //! with hyper's low-level client, driven by its own task.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
@@ -48,10 +49,19 @@ pub enum ConnectError {
 /// error. The slot is released either way.
 pub async fn open(
     ep: &Endpoint,
-    dialer: &Dialer,
+    dialer: &Arc<Dialer>,
     slot: Slot<H1Conn>,
 ) -> Result<Pooled<H1Conn>, ConnectError> {
-    let dialed = dialer.dial(ep.addr).await?;
+    let dialed = match dialer.dial(ep.addr).await {
+        Ok(d) => d,
+        Err(e) => {
+            ep.record_connect_error(&e);
+            return Err(e.into());
+        }
+    };
+    ep.connects
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let lease = dialer.lease(dialed.source);
     let local = dialed.local;
     let (send, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(dialed.stream))
@@ -64,6 +74,7 @@ pub async fn open(
     let id = slot.id();
     let addr = ep.addr;
     tokio::spawn(async move {
+        let _lease = lease;
         if let Err(e) = conn.await {
             tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream connection ended with an error");
         }

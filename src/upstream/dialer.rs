@@ -29,6 +29,23 @@ pub struct Source {
     /// How often this source hit `EADDRNOTAVAIL` (ports exhausted or address
     /// not assigned).
     pub addr_not_avail: AtomicU64,
+    /// Connections dialed from this source that are still open (see
+    /// [`SourceLease`]).
+    pub active: AtomicUsize,
+}
+
+/// Counts one open connection against its source until dropped.
+pub struct SourceLease {
+    dialer: std::sync::Arc<Dialer>,
+    index: usize,
+}
+
+impl Drop for SourceLease {
+    fn drop(&mut self) {
+        self.dialer.sources[self.index]
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Dials upstream connections. Cheap to share behind an `Arc`.
@@ -144,6 +161,7 @@ impl Dialer {
                     ip,
                     failed_until_ms: AtomicU64::new(0),
                     addr_not_avail: AtomicU64::new(0),
+                    active: AtomicUsize::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -155,6 +173,20 @@ impl Dialer {
 
     pub fn sources(&self) -> &[Source] {
         &self.sources
+    }
+
+    /// Starts counting a dialed connection against its source; keep the
+    /// lease as long as the connection lives.
+    pub fn lease(self: &std::sync::Arc<Self>, source: Option<usize>) -> Option<SourceLease> {
+        let index = source?;
+        self.sources
+            .get(index)?
+            .active
+            .fetch_add(1, Ordering::Relaxed);
+        Some(SourceLease {
+            dialer: self.clone(),
+            index,
+        })
     }
 
     fn now_ms(&self) -> u64 {

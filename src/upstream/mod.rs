@@ -8,9 +8,10 @@ pub mod conn;
 pub mod dialer;
 pub mod pool;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
 use crate::config::{EndpointAddr, UpstreamConfig};
@@ -24,9 +25,31 @@ pub struct Endpoint {
     pub pool: Pool<H1Conn>,
     in_flight: AtomicUsize,
     failed_until_ms: AtomicU64,
+    /// Connections dialed successfully.
+    pub connects: AtomicU64,
+    /// Failed dials by errno name (`EADDRNOTAVAIL`, `timeout`, …). Rare, so
+    /// a mutex is fine.
+    pub connect_errors: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Endpoint {
+    pub fn record_connect_error(&self, e: &dialer::DialError) {
+        let key = match (&e.kind, e.errno()) {
+            (dialer::DialErrorKind::Timeout(_), _) => "timeout".to_string(),
+            (_, Some(errno)) => dialer::errno_text(&std::io::Error::from_raw_os_error(errno))
+                .split(' ')
+                .next()
+                .unwrap_or("other")
+                .to_string(),
+            _ => "other".to_string(),
+        };
+        let mut m = self
+            .connect_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(key).or_default() += 1;
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -54,6 +77,8 @@ pub struct Upstream {
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     rr: AtomicUsize,
     epoch: Instant,
+    /// Requests sent a second time (see the retry rules in `http::proxy`).
+    pub retries: AtomicU64,
 }
 
 impl Upstream {
@@ -71,6 +96,7 @@ impl Upstream {
             endpoints: RwLock::new(Arc::new(Vec::new())),
             rr: AtomicUsize::new(0),
             epoch: Instant::now(),
+            retries: AtomicU64::new(0),
             cfg,
         });
         up.refresh().await;
@@ -143,6 +169,8 @@ impl Upstream {
                         pool,
                         in_flight: AtomicUsize::new(0),
                         failed_until_ms: AtomicU64::new(0),
+                        connects: AtomicU64::new(0),
+                        connect_errors: Mutex::new(BTreeMap::new()),
                     }));
                 }
             }

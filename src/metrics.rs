@@ -1,0 +1,267 @@
+//! Prometheus metrics. One [`Registry`] is created at start and passed
+//! down; hot-path counters are pre-resolved per listener (an atomic add per
+//! request), and pool/source state is read at scrape time by a collector, so
+//! the upstream code carries only plain atomics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::state::Shared;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn new_histogram() -> Histogram {
+    // 0.25 ms … ~16 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+/// Metric families owned by the listeners.
+pub struct Metrics {
+    accepted: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
+    responses: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+/// One listener's handles: cloned `Arc`s, so recording is an atomic op.
+#[derive(Clone)]
+pub struct ListenerStats {
+    pub accepted: Counter,
+    pub active: Gauge,
+    /// Index `status / 100 - 1`: 1xx … 5xx.
+    pub responses: [Counter; 5],
+    pub duration: Histogram,
+}
+
+impl ListenerStats {
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+impl Metrics {
+    /// Registers everything under `loopmux_`.
+    pub fn new(registry: &mut Registry, shared: Arc<Shared>) -> Metrics {
+        let m = Metrics {
+            accepted: Family::default(),
+            active: Family::default(),
+            responses: Family::default(),
+            duration: Family::new_with_constructor(new_histogram),
+        };
+        let r = registry.sub_registry_with_prefix("loopmux");
+        r.register(
+            "listener_connections_accepted",
+            "Client connections accepted",
+            m.accepted.clone(),
+        );
+        r.register(
+            "listener_connections_active",
+            "Client connections open now",
+            m.active.clone(),
+        );
+        r.register(
+            "listener_responses",
+            "Responses sent by loopmux's proxy, by status class",
+            m.responses.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            m.duration.clone(),
+        );
+        r.register_collector(Box::new(UpstreamCollector { shared }));
+        m
+    }
+
+    pub fn listener(&self, name: &str) -> ListenerStats {
+        let l: Labels = vec![("listener", name.to_string())];
+        let class = |c: &str| {
+            let mut l = l.clone();
+            l.push(("class", c.to_string()));
+            self.responses.get_or_create(&l).clone()
+        };
+        ListenerStats {
+            accepted: self.accepted.get_or_create(&l).clone(),
+            active: self.active.get_or_create(&l).clone(),
+            responses: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: self.duration.get_or_create(&l).clone(),
+        }
+    }
+}
+
+/// Reads pools, endpoints and sources at scrape time.
+#[derive(Debug)]
+struct UpstreamCollector {
+    shared: Arc<Shared>,
+}
+
+struct Sample {
+    labels: Labels,
+    value: u64,
+}
+
+fn emit(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    counter: bool,
+    samples: &[Sample],
+) -> Result<(), std::fmt::Error> {
+    let ty = if counter {
+        ConstCounter::new(0u64).metric_type()
+    } else {
+        ConstGauge::new(0i64).metric_type()
+    };
+    let mut m = encoder.encode_descriptor(name, help, None, ty)?;
+    for s in samples {
+        let fam = m.encode_family(&s.labels)?;
+        if counter {
+            ConstCounter::new(s.value).encode(fam)?;
+        } else {
+            ConstGauge::new(s.value as i64).encode(fam)?;
+        }
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for UpstreamCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut conns = Vec::new();
+        let mut connects = Vec::new();
+        let mut errors = Vec::new();
+        let mut rejections = Vec::new();
+        let mut retries = Vec::new();
+        let mut src_active = Vec::new();
+        let mut src_eaddrnotavail = Vec::new();
+        for up in self.shared.upstreams().iter() {
+            let u = up.cfg.name.clone();
+            retries.push(Sample {
+                labels: vec![("upstream", u.clone())],
+                value: up.retries.load(Relaxed),
+            });
+            for ep in up.endpoints().iter() {
+                let base: Labels = vec![("upstream", u.clone()), ("endpoint", ep.addr.to_string())];
+                let snap = ep.pool.snapshot();
+                let in_use = snap.open.saturating_sub(snap.idle);
+                for (state, v) in [
+                    ("open", snap.open),
+                    ("idle", snap.idle),
+                    ("in_use", in_use),
+                    ("pending", snap.waiting),
+                ] {
+                    let mut l = base.clone();
+                    l.push(("state", state.to_string()));
+                    conns.push(Sample {
+                        labels: l,
+                        value: v as u64,
+                    });
+                }
+                connects.push(Sample {
+                    labels: base.clone(),
+                    value: ep.connects.load(Relaxed),
+                });
+                let errs = ep
+                    .connect_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for (errno, v) in errs {
+                    let mut l = base.clone();
+                    l.push(("errno", errno));
+                    errors.push(Sample {
+                        labels: l,
+                        value: v,
+                    });
+                }
+                let st = ep.pool.stats();
+                for (reason, v) in [
+                    ("full", st.queue_full.load(Relaxed)),
+                    ("timeout", st.queue_timeout.load(Relaxed)),
+                ] {
+                    let mut l = base.clone();
+                    l.push(("reason", reason.to_string()));
+                    rejections.push(Sample {
+                        labels: l,
+                        value: v,
+                    });
+                }
+            }
+            for s in up.dialer.sources() {
+                let l: Labels = vec![("upstream", u.clone()), ("source", s.ip.to_string())];
+                src_active.push(Sample {
+                    labels: l.clone(),
+                    value: s.active.load(Relaxed) as u64,
+                });
+                src_eaddrnotavail.push(Sample {
+                    labels: l,
+                    value: s.addr_not_avail.load(Relaxed),
+                });
+            }
+        }
+        emit(
+            &mut encoder,
+            "upstream_connections",
+            "Upstream connections by state (open = open + opening; pending = requests waiting)",
+            false,
+            &conns,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_connects",
+            "Upstream connections dialed successfully",
+            true,
+            &connects,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_connect_errors",
+            "Failed upstream dials by errno",
+            true,
+            &errors,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_retries",
+            "Requests sent again on a fresh connection",
+            true,
+            &retries,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_queue_rejections",
+            "Requests answered 503 because no connection was free",
+            true,
+            &rejections,
+        )?;
+        emit(
+            &mut encoder,
+            "source_connections_active",
+            "Open upstream connections per source address",
+            false,
+            &src_active,
+        )?;
+        emit(
+            &mut encoder,
+            "source_eaddrnotavail",
+            "EADDRNOTAVAIL seen per source address",
+            true,
+            &src_eaddrnotavail,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! What the admin endpoint and metrics see of the running proxy: the
+//! current upstreams and listeners, readiness, and the config generation.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+use crate::upstream::Upstream;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub mode: &'static str,
+    pub upstream: String,
+    pub client_keepalive: bool,
+}
+
+#[derive(Default)]
+pub struct Shared {
+    upstreams: RwLock<Arc<Vec<Arc<Upstream>>>>,
+    listeners: RwLock<Arc<Vec<ListenerInfo>>>,
+    ready: AtomicBool,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+impl Shared {
+    pub fn upstreams(&self) -> Arc<Vec<Arc<Upstream>>> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn listeners(&self) -> Arc<Vec<ListenerInfo>> {
+        self.listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Publishes a new config generation.
+    pub fn publish(&self, upstreams: Vec<Arc<Upstream>>, listeners: Vec<ListenerInfo>) {
+        *self.upstreams.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(upstreams);
+        *self.listeners.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(listeners);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The `/status` document.
+    pub fn status_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let upstreams: Vec<_> = self
+            .upstreams()
+            .iter()
+            .map(|u| {
+                let endpoints: Vec<_> = u
+                    .endpoints()
+                    .iter()
+                    .map(|e| {
+                        let s = e.pool.snapshot();
+                        serde_json::json!({
+                            "addr": e.addr.to_string(),
+                            "open": s.open,
+                            "idle": s.idle,
+                            "pending": s.waiting,
+                            "in_flight": e.in_flight(),
+                            "connects": e.connects.load(Relaxed),
+                        })
+                    })
+                    .collect();
+                let sources: Vec<_> = u
+                    .dialer
+                    .sources()
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "ip": s.ip.to_string(),
+                            "active": s.active.load(Relaxed),
+                            "eaddrnotavail": s.addr_not_avail.load(Relaxed),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": u.cfg.name,
+                    "max_connections": u.cfg.max_connections,
+                    "endpoints": endpoints,
+                    "sources": sources,
+                    "retries": u.retries.load(Relaxed),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "generation": self.generation(),
+            "ready": self.is_ready(),
+            "listeners": *self.listeners(),
+            "upstreams": upstreams,
+        })
+    }
+}
