@@ -109,7 +109,12 @@ impl App {
                 client_keepalive: lc.client_keepalive,
             });
             let stats = metrics.listener(&lc.name);
-            let proxy = Arc::new(Proxy::new(lc.name.clone(), up, stats.clone()));
+            let proxy = Arc::new(Proxy::new(
+                lc.name.as_str().into(),
+                up,
+                stats.clone(),
+                lc.access_log,
+            ));
             let server = Arc::new(HttpServer::new(lc, proxy));
             accept_loops.spawn(listener::accept_loop(
                 l,
@@ -160,15 +165,22 @@ impl App {
         self.shutdown.cancel();
         self.accept_loops.wait().await;
         // The accept loops held the other references; they have ended.
-        let Ok(graceful) = Arc::try_unwrap(self.graceful) else {
-            return false;
+        let clean = match Arc::try_unwrap(self.graceful) {
+            Ok(graceful) => match tokio::time::timeout(drain, graceful.shutdown()).await {
+                Ok(()) => true,
+                Err(_) => {
+                    tracing::warn!(drain = %humantime::format_duration(drain), "drain timeout: cutting remaining client connections");
+                    false
+                }
+            },
+            Err(_) => false,
         };
-        match tokio::time::timeout(drain, graceful.shutdown()).await {
-            Ok(()) => true,
-            Err(_) => {
-                tracing::warn!(drain = %humantime::format_duration(drain), "drain timeout: cutting remaining client connections");
-                false
+        // Idle upstream connections close now; nothing will use them.
+        for up in &self.upstreams {
+            for ep in up.endpoints().iter() {
+                ep.pool.retire();
             }
         }
+        clean
     }
 }

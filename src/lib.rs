@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod origin;
 pub mod shutdown;
 pub mod state;
+pub mod systemd;
 pub mod upstream;

@@ -17,8 +17,18 @@ const EXIT_FAILURE: u8 = 1;
     about = "Local egress proxy: many short client connections in, a few long-lived upstream connections out. Ends EADDRNOTAVAIL from ephemeral-port exhaustion."
 )]
 struct Cli {
+    /// Log format: text for terminals, json for log shippers. Levels come
+    /// from RUST_LOG (e.g. `info,loopmux::access=info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -69,15 +79,22 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
         // journald and log files want no colour codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
     match cli.cmd {
         Cmd::Check { config } => match loopmux::config::load_file(&config) {
             Ok(c) => {
@@ -189,6 +206,14 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let mut signals = match loopmux::shutdown::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot install signal handlers: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let drain = cfg.drain_timeout;
         let app = match loopmux::app::App::start(cfg, bound).await {
             Ok(a) => a,
             Err(e) => {
@@ -196,14 +221,23 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(EXIT_FAILURE);
             }
         };
-        match loopmux::shutdown::stop_signal().await {
-            Ok(sig) => tracing::info!(signal = sig, "stopping: draining in-flight requests"),
-            Err(e) => {
-                eprintln!("cannot install signal handlers: {e}");
-                return ExitCode::from(EXIT_FAILURE);
+        loopmux::systemd::ready();
+        loopmux::systemd::spawn_watchdog();
+        loop {
+            match signals.next().await {
+                loopmux::shutdown::Request::Stop(sig) => {
+                    tracing::info!(signal = sig, drain_timeout = %humantime::format_duration(drain), "stopping: draining in-flight requests");
+                    break;
+                }
+                loopmux::shutdown::Request::Reload => {
+                    loopmux::systemd::reloading();
+                    tracing::warn!("SIGHUP: reload is not implemented in this version; the running config stays");
+                    loopmux::systemd::ready();
+                }
             }
         }
-        let clean = app.stop(loopmux::app::DEFAULT_DRAIN_TIMEOUT).await;
+        loopmux::systemd::stopping();
+        let clean = app.stop(drain).await;
         tracing::info!(clean, "stopped");
         ExitCode::SUCCESS
     })

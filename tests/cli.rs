@@ -237,3 +237,152 @@ fn demo_prints_a_table_with_both_phases() {
         "loopmux opened {conns} upstream connections: {text}"
     );
 }
+
+/// Writes a one-listener config for `origin` on a free port; returns (path, port).
+fn write_config(
+    dir: &Path,
+    origin: std::net::SocketAddr,
+    listener_extra: &str,
+) -> (std::path::PathBuf, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = dir.join("run.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"u\"\n{listener_extra}\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"{origin}\"]\n"
+        ),
+    )
+    .unwrap();
+    (file, port)
+}
+
+fn wait_served(rt: &tokio::runtime::Runtime, url: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let (code, out, _) = rt.block_on(support::curl(&[url]));
+        if code == 0 && out == "ok\n" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("loopmux never served {url}");
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(child.0.id() as i32, sig) };
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "loopmux did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn json_logs_and_access_log() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(support::origin());
+    let dir = std::env::temp_dir().join(format!("loopmux-json-{}", std::process::id()));
+    let (file, port) = write_config(&dir, origin.addr, "access_log = true");
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access = lines
+        .iter()
+        .find(|v| v["target"] == "loopmux::access" && v["status"] == 200)
+        .unwrap_or_else(|| panic!("no access line: {log}"));
+    assert_eq!(access["listener"], "t");
+    assert_eq!(access["upstream"], "u");
+    assert_eq!(access["bytes"], 3);
+    assert_eq!(access["complete"], true);
+    assert_eq!(access["upstream_conn"], "new");
+    assert!(lines.iter().any(|v| v["message"] == "listening"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn systemd_notify_ready_watchdog_reloading_stopping() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(support::origin());
+    let dir = std::env::temp_dir().join(format!("loopmux-notify-{}", std::process::id()));
+    let (file, port) = write_config(&dir, origin.addr, "");
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the
+    // shell's pid for loopmux.
+    let mut child = Child(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "WATCHDOG_PID=$$ exec {BIN} run --config {}",
+                file.display()
+            ))
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 512];
+    let mut recv_until = |want: &str| {
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(20), "no {want}");
+            let n = sock.recv(&mut buf).expect("a notification");
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if msg.lines().any(|l| l == want) {
+                return;
+            }
+        }
+    };
+    recv_until("READY=1");
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+    recv_until("WATCHDOG=1");
+    signal(&child, libc::SIGHUP);
+    recv_until("RELOADING=1");
+    recv_until("READY=1");
+    signal(&child, libc::SIGTERM);
+    recv_until("STOPPING=1");
+    assert!(wait_exit(&mut child).success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

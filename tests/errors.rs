@@ -17,10 +17,7 @@ async fn status_and_body(url: &str) -> (String, String) {
 
 #[tokio::test]
 async fn connect_refused_is_502_naming_upstream_endpoint_source_and_errno() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_guard, dead) = refusing_addr();
     let (app, addr) = start(&one_upstream(
         dead,
         "",

@@ -286,10 +286,7 @@ async fn non_idempotent_request_that_reached_upstream_is_not_replayed() {
 #[tokio::test]
 async fn failing_endpoint_is_avoided() {
     let o = origin().await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_guard, dead) = refusing_addr();
     let toml = one_upstream(o.addr, "", "failure_backoff = \"60s\"").replace(
         &format!("endpoints = [\"{}\"]", o.addr),
         &format!("endpoints = [\"{dead}\", \"{}\"]", o.addr),

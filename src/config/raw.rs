@@ -16,6 +16,13 @@ pub struct RawConfig {
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<RawUpstream>,
     pub serve: Option<RawServe>,
+    pub process: Option<RawProcess>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcess {
+    pub drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +53,7 @@ pub struct RawListener {
     pub header_timeout: Option<String>,
     pub max_clients: Option<usize>,
     pub max_header_bytes: Option<usize>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -28,6 +28,8 @@ impl fmt::Display for Problem {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub admin: Option<AdminConfig>,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -53,6 +55,8 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     pub max_clients: usize,
     pub max_header_bytes: usize,
+    /// One log line per request (target `loopmux::access`).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +123,7 @@ pub mod defaults {
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_CLIENTS: usize = 10_000;
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 struct Checker {
@@ -259,6 +264,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let drain_timeout = c.duration(
+        "process.drain_timeout".into(),
+        raw.process
+            .as_ref()
+            .and_then(|p| p.drain_timeout.as_deref()),
+        defaults::DRAIN_TIMEOUT,
+    );
     let egress_sources = c.ips("egress.source_addresses", &raw.egress.source_addresses);
 
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
@@ -308,6 +320,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     if c.problems.is_empty() {
         Ok(Config {
             admin,
+            drain_timeout,
             listeners,
             upstreams,
         })
@@ -516,6 +529,7 @@ fn listener(
         mode: mode?,
         upstream: upstream?,
         client_keepalive: l.client_keepalive.unwrap_or(true),
+        access_log: l.access_log.unwrap_or(false),
         header_timeout,
         max_clients,
         max_header_bytes,

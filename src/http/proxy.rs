@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::error::ProxyError;
 use super::headers;
-use super::RespBody;
+use super::{AccessRecord, Metered, RespBody};
 use crate::config::HostHeader;
 use crate::upstream::conn::{self, ReqBody};
 use crate::upstream::pool::Acquired;
@@ -20,10 +20,11 @@ use crate::upstream::Upstream;
 /// Forwards requests of one listener to its upstream. Shared by all of the
 /// listener's connections.
 pub struct Proxy {
-    pub listener: String,
+    pub listener: Arc<str>,
     pub upstream: Arc<Upstream>,
     fixed_host: Option<HeaderValue>,
     stats: crate::metrics::ListenerStats,
+    access_log: bool,
 }
 
 /// RFC 9110 §9.2.2: safe to repeat.
@@ -36,9 +37,10 @@ fn idempotent(m: &Method) -> bool {
 
 impl Proxy {
     pub fn new(
-        listener: String,
+        listener: Arc<str>,
         upstream: Arc<Upstream>,
         stats: crate::metrics::ListenerStats,
+        access_log: bool,
     ) -> Self {
         let fixed_host = match &upstream.cfg.host_header {
             HostHeader::Keep => None,
@@ -49,6 +51,7 @@ impl Proxy {
             upstream,
             fixed_host,
             stats,
+            access_log,
         }
     }
 
@@ -56,14 +59,42 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
         let started = tokio::time::Instant::now();
         let method = req.method().clone();
+        // Only an access log pays for a copy of the path.
+        let path = self.access_log.then(|| req.uri().path().to_string());
         let resp = match self.forward(req).await {
-            Ok(resp) => {
-                tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
-                resp
+            Ok((parts, body, reused)) => {
+                let status = parts.status.as_u16();
+                tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status, reused, elapsed_us = started.elapsed().as_micros() as u64, "request");
+                let record = path.map(|path| {
+                    Box::new(AccessRecord {
+                        listener: self.listener.clone(),
+                        upstream: self.upstream.cfg.name.clone(),
+                        method: method.clone(),
+                        path,
+                        status,
+                        reused: Some(reused),
+                        started,
+                    })
+                });
+                Response::from_parts(parts, Either::Left(Metered::new(body, record)))
             }
             Err(e) => {
                 tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
-                e.into_response(&self.upstream.cfg.name)
+                let resp = e.into_response(&self.upstream.cfg.name);
+                if let Some(path) = path {
+                    let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+                    AccessRecord {
+                        listener: self.listener.clone(),
+                        upstream: self.upstream.cfg.name.clone(),
+                        method: method.clone(),
+                        path,
+                        status: e.status().as_u16(),
+                        reused: None,
+                        started,
+                    }
+                    .emit(len, true);
+                }
+                resp
             }
         };
         self.stats
@@ -71,7 +102,12 @@ impl Proxy {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<RespBody>, ProxyError> {
+    /// The upstream's response head and streaming body, and whether the
+    /// connection was reused.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(http::response::Parts, Incoming, bool), ProxyError> {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
@@ -170,7 +206,7 @@ impl Proxy {
                     headers::strip_hop_by_hop(&mut parts.headers);
                     // Our side speaks 1.1 (hyper answers 1.0 clients in 1.0).
                     parts.version = Version::HTTP_11;
-                    return Ok(Response::from_parts(parts, Either::Left(body)));
+                    return Ok((parts, body, reused));
                 }
                 Ok(Err(mut e)) => {
                     conn.discard();

@@ -449,8 +449,14 @@ mod tests {
 
     #[tokio::test]
     async fn refused_is_reported_without_trying_other_sources() {
-        let (l, dest) = listener("127.0.0.1").await;
-        drop(l);
+        // Bound but not listening: refuses, and no other test can take it.
+        let guard = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        guard
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        let dest = guard.local_addr().unwrap().as_socket().unwrap();
         let d = Dialer::new(
             &ips(&["127.0.0.2", "127.0.0.3"]),
             Duration::from_secs(2),

@@ -56,3 +56,15 @@ pub async fn curl(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// An address that refuses connections and that no other socket can take
+/// while the returned guard lives: bound, never listening. (A listener that
+/// was bound and dropped frees its port for the next `bind(:0)`, maybe our
+/// own listener's.)
+pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let a = s.local_addr().unwrap().as_socket().unwrap();
+    (s, a)
+}
