@@ -124,7 +124,7 @@ pub async fn run(spec: DemoSpec) -> Result<Vec<PhaseResult>, DemoError> {
         .map_err(|e| DemoError::Start(e.to_string()))?;
     let through = phase(
         "through loopmux",
-        app.local_addrs[0],
+        app.local_addrs()[0],
         Closer::Client,
         &origin,
         &spec,

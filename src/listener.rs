@@ -56,7 +56,7 @@ pub fn bind_addr(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Accepts until `shutdown` is cancelled, handing each connection to
 /// `server` in its own task.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     name: String,
     max_clients: usize,
     server: Arc<HttpServer>,

@@ -213,8 +213,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(EXIT_FAILURE);
             }
         };
-        let drain = cfg.drain_timeout;
-        let app = match loopmux::app::App::start(cfg, bound).await {
+        let mut app = match loopmux::app::App::start(cfg, bound).await {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("{e}");
@@ -226,17 +225,30 @@ fn run(path: &std::path::Path) -> ExitCode {
         loop {
             match signals.next().await {
                 loopmux::shutdown::Request::Stop(sig) => {
-                    tracing::info!(signal = sig, drain_timeout = %humantime::format_duration(drain), "stopping: draining in-flight requests");
+                    tracing::info!(signal = sig, drain_timeout = %humantime::format_duration(app.config().drain_timeout), "stopping: draining in-flight requests");
                     break;
                 }
                 loopmux::shutdown::Request::Reload => {
                     loopmux::systemd::reloading();
-                    tracing::warn!("SIGHUP: reload is not implemented in this version; the running config stays");
+                    tracing::info!(config = %path.display(), "SIGHUP: reloading");
+                    match loopmux::config::load_file(path) {
+                        Ok(cfg) => {
+                            if let Err(e) = app.reload(cfg).await {
+                                tracing::error!(error = %e, "reload failed; the running config stays");
+                            }
+                        }
+                        Err(e) => {
+                            for line in e.to_string().lines() {
+                                tracing::error!(config = %path.display(), problem = %line, "invalid config; the running config stays");
+                            }
+                        }
+                    }
                     loopmux::systemd::ready();
                 }
             }
         }
         loopmux::systemd::stopping();
+        let drain = app.config().drain_timeout;
         let clean = app.stop(drain).await;
         tracing::info!(clean, "stopped");
         ExitCode::SUCCESS

@@ -29,7 +29,7 @@ async fn metrics_health_ready_and_status() {
     );
     let (app, addr) = start(&toml).await;
     let admin = app.admin_addr.expect("admin bound");
-    let broken = app.local_addrs[1];
+    let broken = app.local_addrs()[1];
     let r = loopmux::load::run(loopmux::load::LoadSpec::new(
         addr,
         50,

@@ -386,3 +386,64 @@ fn systemd_notify_ready_watchdog_reloading_stopping() {
     assert!(wait_exit(&mut child).success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(support::origin());
+    let dir = std::env::temp_dir().join(format!("loopmux-hup-{}", std::process::id()));
+    let (file, port) = write_config(&dir, origin.addr, "");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+
+    std::fs::write(
+        &file,
+        good.replace("upstream = \"u\"", "upstream = \"nope\""),
+    )
+    .unwrap();
+    signal(&child, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+
+    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &file,
+        format!("{good}\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:{port2}\"\nupstream = \"u\"\n"),
+    )
+    .unwrap();
+    signal(&child, libc::SIGHUP);
+    wait_served(&rt, &format!("http://127.0.0.1:{port2}/"));
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("listener[0].upstream: no [[upstream]] is named `nope`"),
+        "{log}"
+    );
+    assert!(log.contains("the running config stays"), "{log}");
+    assert!(log.contains("config reloaded"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

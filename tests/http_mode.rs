@@ -219,7 +219,7 @@ async fn two_thousand_concurrent_requests_use_at_most_four_connections() {
     let accepted = o.stats.accepted.load(Ordering::Relaxed);
     assert!(accepted <= 4, "upstream saw {accepted} connections");
     assert!(o.stats.peak_active.load(Ordering::Relaxed) <= 4);
-    for ep in app.upstreams[0].endpoints().iter() {
+    for ep in app.upstreams()[0].endpoints().iter() {
         assert!(ep.pool.snapshot().open <= 4);
     }
     app.stop(Duration::from_secs(1)).await;
@@ -315,7 +315,7 @@ async fn dns_name_endpoint_resolves() {
     assert_eq!((code, out.as_str()), (0, "ok\n"), "{err}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Refreshes keep the same endpoint (and its pool) for the same address.
-    let eps = app.upstreams[0].endpoints();
+    let eps = app.upstreams()[0].endpoints();
     assert!(
         eps.iter().any(|e| e.addr == o.addr),
         "{:?}",

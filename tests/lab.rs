@@ -214,13 +214,13 @@ fn exhaustion_lab() {
             // Port 1 is a placeholder that must differ from the first bind.
             let toml = toml.replace("127.0.0.1:1\"", "127.0.0.2:0\"");
             let (app, _) = support::start(&toml).await;
-            let (lab_addr, exhausted_addr) = (app.local_addrs[0], app.local_addrs[1]);
+            let (lab_addr, exhausted_addr) = (app.local_addrs()[0], app.local_addrs()[1]);
             let through = load::run(LoadSpec::new(lab_addr, THROUGH_REQUESTS, 16, Closer::Server)).await;
 
             // 3. Failover: toward the origin whose ports the direct phase
             //    used up from the first source, loopmux moves to the second.
             let failover = load::run(LoadSpec::new(exhausted_addr, 200, 4, Closer::Server)).await;
-            let source0_eaddrnotavail = app.upstreams[1].dialer.sources()[0]
+            let source0_eaddrnotavail = app.upstreams()[1].dialer.sources()[0]
                 .addr_not_avail
                 .load(std::sync::atomic::Ordering::Relaxed);
 

@@ -44,7 +44,7 @@ pub enum Mode {
     Http,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
@@ -59,7 +59,7 @@ pub struct ListenerConfig {
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Http1,
 }
@@ -89,7 +89,7 @@ pub enum HostHeader {
     Fixed(HeaderValue),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub endpoints: Vec<EndpointAddr>,

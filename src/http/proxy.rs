@@ -1,7 +1,8 @@
 //! The `http` mode's request path: one client request in, one upstream
 //! request out over a pooled connection, response streamed back.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
@@ -21,10 +22,10 @@ use crate::upstream::Upstream;
 /// listener's connections.
 pub struct Proxy {
     pub listener: Arc<str>,
-    pub upstream: Arc<Upstream>,
-    fixed_host: Option<HeaderValue>,
+    /// Swapped by a reload; each request reads it once.
+    upstream: RwLock<Arc<Upstream>>,
     stats: crate::metrics::ListenerStats,
-    access_log: bool,
+    access_log: AtomicBool,
 }
 
 /// RFC 9110 §9.2.2: safe to repeat.
@@ -42,33 +43,47 @@ impl Proxy {
         stats: crate::metrics::ListenerStats,
         access_log: bool,
     ) -> Self {
-        let fixed_host = match &upstream.cfg.host_header {
-            HostHeader::Keep => None,
-            HostHeader::Fixed(v) => Some(v.clone()),
-        };
         Proxy {
             listener,
-            upstream,
-            fixed_host,
+            upstream: RwLock::new(upstream),
             stats,
-            access_log,
+            access_log: AtomicBool::new(access_log),
         }
+    }
+
+    /// The upstream new requests go to.
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.upstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reload: new requests (also on open client connections) go to `up`;
+    /// requests in flight finish on the old one.
+    pub fn set_upstream(&self, up: Arc<Upstream>, access_log: bool) {
+        *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = up;
+        self.access_log.store(access_log, Ordering::Relaxed);
     }
 
     /// Never fails: every error becomes a response.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
         let started = tokio::time::Instant::now();
         let method = req.method().clone();
+        let up = self.upstream();
         // Only an access log pays for a copy of the path.
-        let path = self.access_log.then(|| req.uri().path().to_string());
-        let resp = match self.forward(req).await {
+        let path = self
+            .access_log
+            .load(Ordering::Relaxed)
+            .then(|| req.uri().path().to_string());
+        let resp = match self.forward(&up, req).await {
             Ok((parts, body, reused)) => {
                 let status = parts.status.as_u16();
-                tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status, reused, elapsed_us = started.elapsed().as_micros() as u64, "request");
+                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused, elapsed_us = started.elapsed().as_micros() as u64, "request");
                 let record = path.map(|path| {
                     Box::new(AccessRecord {
                         listener: self.listener.clone(),
-                        upstream: self.upstream.cfg.name.clone(),
+                        upstream: up.cfg.name.clone(),
                         method: method.clone(),
                         path,
                         status,
@@ -79,13 +94,13 @@ impl Proxy {
                 Response::from_parts(parts, Either::Left(Metered::new(body, record)))
             }
             Err(e) => {
-                tracing::debug!(listener = %self.listener, upstream = %self.upstream.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
-                let resp = e.into_response(&self.upstream.cfg.name);
+                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
+                let resp = e.into_response(&up.cfg.name);
                 if let Some(path) = path {
                     let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
                     AccessRecord {
                         listener: self.listener.clone(),
-                        upstream: self.upstream.cfg.name.clone(),
+                        upstream: up.cfg.name.clone(),
                         method: method.clone(),
                         path,
                         status: e.status().as_u16(),
@@ -106,6 +121,7 @@ impl Proxy {
     /// connection was reused.
     async fn forward(
         &self,
+        up: &Upstream,
         req: Request<Incoming>,
     ) -> Result<(http::response::Parts, Incoming, bool), ProxyError> {
         let (mut parts, body) = req.into_parts();
@@ -141,7 +157,6 @@ impl Proxy {
         let mut req = Some(Request::from_parts(parts, Either::Left(body)));
         let mut replay = replay;
         let mut fresh = false;
-        let up = &*self.upstream;
         // Nothing was sent when a dial fails, so another endpoint may be
         // tried; the failed one is in back-off and will not be picked again.
         let mut dial_retries = up.endpoints().len().saturating_sub(1).min(2);
@@ -176,7 +191,10 @@ impl Proxy {
                 },
             };
             let mut r = req.take().expect("a request is present at each attempt");
-            let fixed = self.fixed_host.as_ref();
+            let fixed = match &up.cfg.host_header {
+                HostHeader::Keep => None,
+                HostHeader::Fixed(v) => Some(v),
+            };
             headers::set_host(r.headers_mut(), fixed, || {
                 HeaderValue::from_str(&ep.addr.to_string()).ok()
             });

@@ -17,7 +17,7 @@ pub async fn start(toml: &str) -> (App, SocketAddr) {
     let cfg = loopmux::config::load_str(toml, HashMap::new()).expect("test config is valid");
     let bound = loopmux::app::bind_all(&cfg).expect("bind");
     let app = App::start(cfg, bound).await.expect("start");
-    let addr = app.local_addrs[0];
+    let addr = app.local_addrs()[0];
     (app, addr)
 }
 
