@@ -83,8 +83,11 @@ pub struct App {
     cfg: Config,
     listeners: Vec<Running>,
     upstreams: Vec<Arc<Upstream>>,
-    /// Stops the admin endpoint.
+    /// Stops every accept loop.
     shutdown: CancellationToken,
+    /// Stops the admin endpoint, after the drain (so `/readyz` says 503
+    /// while draining).
+    admin_stop: CancellationToken,
     accept_loops: TaskTracker,
     /// Drains of listeners removed by a reload.
     retired: TaskTracker,
@@ -121,6 +124,7 @@ impl App {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut registry, shared.clone());
         let shutdown = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
         let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
         for u in &cfg.upstreams {
             upstreams.push(Upstream::start(u.clone()).await);
@@ -134,7 +138,7 @@ impl App {
                     shared: shared.clone(),
                 });
                 let l = Arc::try_unwrap(l).unwrap_or_else(|_| unreachable!("just created"));
-                tokio::spawn(crate::admin::serve(l, admin, shutdown.child_token()));
+                tokio::spawn(crate::admin::serve(l, admin, admin_stop.clone()));
                 Some(addr)
             }
             None => None,
@@ -146,6 +150,7 @@ impl App {
             listeners: Vec::new(),
             upstreams,
             shutdown,
+            admin_stop,
             accept_loops: TaskTracker::new(),
             retired: TaskTracker::new(),
             cfg: cfg.clone(),
@@ -359,6 +364,7 @@ impl App {
                 ep.pool.retire();
             }
         }
+        self.admin_stop.cancel();
         clean
     }
 }

@@ -447,3 +447,41 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     assert!(log.contains("config reloaded"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sigterm_drains_slow_requests_and_readyz_says_draining() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let origin = rt.block_on(support::origin());
+    let dir = std::env::temp_dir().join(format!("loopmux-drain-{}", std::process::id()));
+    let (file, port) = write_config(&dir, origin.addr, "");
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("[admin]\nbind = \"127.0.0.1:{admin_port}\"\n\n{text}")).unwrap();
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+    let slow: Vec<_> = (0..6)
+        .map(|_| {
+            let url = format!("http://127.0.0.1:{port}/slow/1500");
+            rt.spawn(async move { support::curl(&["-w", " %{http_code}", &url]).await })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, ready, _) = rt.block_on(support::curl(&["-w", "%{http_code}", "-o", "/dev/null", &format!("http://127.0.0.1:{admin_port}/readyz")]));
+    assert_eq!(ready, "503", "readyz while draining");
+    for s in slow {
+        let (code, out, err) = rt.block_on(s).unwrap();
+        assert_eq!((code, out.as_str()), (0, "slow ok\n 200"), "{err}");
+    }
+    assert!(wait_exit(&mut child).success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
