@@ -454,9 +454,17 @@ fn sigterm_drains_slow_requests_and_readyz_says_draining() {
     let origin = rt.block_on(support::origin());
     let dir = std::env::temp_dir().join(format!("loopmux-drain-{}", std::process::id()));
     let (file, port) = write_config(&dir, origin.addr, "");
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, format!("[admin]\nbind = \"127.0.0.1:{admin_port}\"\n\n{text}")).unwrap();
+    std::fs::write(
+        &file,
+        format!("[admin]\nbind = \"127.0.0.1:{admin_port}\"\n\n{text}"),
+    )
+    .unwrap();
     let mut child = Child(
         Command::new(BIN)
             .args(["run", "--config"])
@@ -476,7 +484,13 @@ fn sigterm_drains_slow_requests_and_readyz_says_draining() {
     std::thread::sleep(Duration::from_millis(400));
     signal(&child, libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
-    let (_, ready, _) = rt.block_on(support::curl(&["-w", "%{http_code}", "-o", "/dev/null", &format!("http://127.0.0.1:{admin_port}/readyz")]));
+    let (_, ready, _) = rt.block_on(support::curl(&[
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &format!("http://127.0.0.1:{admin_port}/readyz"),
+    ]));
     assert_eq!(ready, "503", "readyz while draining");
     for s in slow {
         let (code, out, err) = rt.block_on(s).unwrap();
