@@ -93,13 +93,8 @@ pub struct App {
     retired: TaskTracker,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Bind(#[from] listener::BindError),
-    #[error("{key}: {source}")]
-    Register { key: String, source: std::io::Error },
-}
+/// A reload fails the same ways a start does (binding, registering).
+pub type ReloadError = StartError;
 
 fn register(
     key: String,
@@ -241,7 +236,7 @@ impl App {
         for (i, lc) in cfg.listeners.iter().enumerate() {
             if !self.listeners.iter().any(|r| key(&r.cfg) == key(lc)) {
                 let std_l = listener::bind(i, lc)?;
-                let reg = |source| ReloadError::Register {
+                let reg = |source| StartError::Register {
                     key: format!("listener[{i}].bind ({})", lc.name),
                     source,
                 };

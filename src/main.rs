@@ -153,16 +153,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn demo(spec: loopmux::demo::DemoSpec) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+            ExitCode::from(EXIT_FAILURE)
+        })
+}
+
+fn demo(spec: loopmux::demo::DemoSpec) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     println!(
         "loopmux demo: {} requests per phase, {} concurrent, a new connection per request (client closes first); loopmux max_connections = {}",
@@ -195,15 +199,9 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let mut signals = match loopmux::shutdown::Signals::install() {
