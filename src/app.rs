@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,10 +19,6 @@ use crate::listener;
 use crate::metrics::Metrics;
 use crate::state::{ListenerInfo, Shared};
 use crate::upstream::Upstream;
-
-/// How long in-flight requests may take to finish after a stop signal, when
-/// the config does not say.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = crate::config::defaults::DRAIN_TIMEOUT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -69,26 +66,46 @@ struct Running {
     socket: Arc<TcpListener>,
     addr: SocketAddr,
     proxy: Arc<Proxy>,
-    /// Tracks this listener's client connections, for its drain.
+    /// Tracks this listener's client connections, for its drain. The one
+    /// other reference is held by the accept loop while it runs.
     graceful: Arc<GracefulShutdown>,
     /// Stops the current accept loop (a reload starts a new one).
     accepting: CancellationToken,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting and waits for the accept loop to end, so that the
+    /// listener's `GracefulShutdown` has no other owner afterwards.
+    async fn stop_accepting(&mut self) {
+        self.accepting.cancel();
+        if let Some(h) = self.accept.take() {
+            let _ = h.await;
+        }
+    }
+
+    /// Stops accepting, then lets open connections finish for up to `drain`.
+    /// Returns `true` if they all did.
+    async fn drain(mut self, drain: Duration) -> bool {
+        self.stop_accepting().await;
+        match Arc::try_unwrap(self.graceful) {
+            Ok(g) => tokio::time::timeout(drain, g.shutdown()).await.is_ok(),
+            Err(_) => false,
+        }
+    }
 }
 
 /// A started loopmux: listeners accepting, upstream pools ready.
 pub struct App {
     pub admin_addr: Option<SocketAddr>,
+    /// The current upstreams and listeners, as the admin endpoint sees them.
     pub shared: Arc<Shared>,
     metrics: Metrics,
     cfg: Config,
     listeners: Vec<Running>,
-    upstreams: Vec<Arc<Upstream>>,
-    /// Stops every accept loop.
-    shutdown: CancellationToken,
     /// Stops the admin endpoint, after the drain (so `/readyz` says 503
     /// while draining).
     admin_stop: CancellationToken,
-    accept_loops: TaskTracker,
     /// Drains of listeners removed by a reload.
     retired: TaskTracker,
 }
@@ -96,17 +113,22 @@ pub struct App {
 /// A reload fails the same ways a start does (binding, registering).
 pub type ReloadError = StartError;
 
+/// Hands a bound socket to the runtime.
 fn register(
     key: String,
     std_l: std::net::TcpListener,
-) -> Result<(Arc<TcpListener>, SocketAddr), StartError> {
+) -> Result<(TcpListener, SocketAddr), StartError> {
     let reg = |source| StartError::Register {
         key: key.clone(),
         source,
     };
     let l = TcpListener::from_std(std_l).map_err(reg)?;
     let addr = l.local_addr().map_err(reg)?;
-    Ok((Arc::new(l), addr))
+    Ok((l, addr))
+}
+
+fn listener_key(index: usize, lc: &ListenerConfig) -> String {
+    format!("listener[{index}].bind ({})", lc.name)
 }
 
 impl App {
@@ -118,7 +140,6 @@ impl App {
         let shared = Arc::new(Shared::default());
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut registry, shared.clone());
-        let shutdown = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
         for u in &cfg.upstreams {
@@ -132,7 +153,6 @@ impl App {
                     registry,
                     shared: shared.clone(),
                 });
-                let l = Arc::try_unwrap(l).unwrap_or_else(|_| unreachable!("just created"));
                 tokio::spawn(crate::admin::serve(l, admin, admin_stop.clone()));
                 Some(addr)
             }
@@ -142,48 +162,55 @@ impl App {
             admin_addr,
             shared,
             metrics,
-            listeners: Vec::new(),
-            upstreams,
-            shutdown,
+            listeners: Vec::with_capacity(cfg.listeners.len()),
             admin_stop,
-            accept_loops: TaskTracker::new(),
             retired: TaskTracker::new(),
             cfg: cfg.clone(),
         };
         for (index, (lc, std_l)) in cfg.listeners.iter().zip(bound.listeners).enumerate() {
-            let (socket, addr) = register(format!("listener[{index}].bind ({})", lc.name), std_l)?;
-            let up = app.upstreams[lc.upstream].clone();
-            let proxy = Arc::new(Proxy::new(
-                lc.name.as_str().into(),
-                up,
-                app.metrics.listener(&lc.name),
-                lc.access_log,
-            ));
-            let mut r = Running {
-                cfg: lc.clone(),
-                socket,
-                addr,
-                proxy,
-                graceful: Arc::new(GracefulShutdown::new()),
-                accepting: CancellationToken::new(),
-            };
-            app.spawn_accept(&mut r);
+            let (socket, addr) = register(listener_key(index, lc), std_l)?;
+            let mut r = app.running(lc, socket, addr, upstreams[lc.upstream].clone());
+            app.spawn_accept(&mut r).await;
             app.listeners.push(r);
         }
-        app.publish();
+        app.publish(upstreams);
         app.shared.set_ready(true);
         Ok(app)
     }
 
+    fn running(
+        &self,
+        lc: &ListenerConfig,
+        socket: TcpListener,
+        addr: SocketAddr,
+        up: Arc<Upstream>,
+    ) -> Running {
+        Running {
+            cfg: lc.clone(),
+            socket: Arc::new(socket),
+            addr,
+            proxy: Arc::new(Proxy::new(
+                lc.name.as_str().into(),
+                up,
+                self.metrics.listener(&lc.name),
+                lc.access_log,
+            )),
+            graceful: Arc::new(GracefulShutdown::new()),
+            accepting: CancellationToken::new(),
+            accept: None,
+        }
+    }
+
     /// Starts (or restarts, after a reload) a listener's accept loop with
-    /// its current settings. Open client connections are not touched.
-    fn spawn_accept(&self, r: &mut Running) {
-        r.accepting.cancel();
-        r.accepting = self.shutdown.child_token();
+    /// its current settings. Open client connections are not touched; new
+    /// ones wait in the kernel's backlog during the switch.
+    async fn spawn_accept(&self, r: &mut Running) {
+        r.stop_accepting().await;
+        r.accepting = CancellationToken::new();
         let up = r.proxy.upstream();
         tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
         let server = Arc::new(HttpServer::new(&r.cfg, r.proxy.clone()));
-        self.accept_loops.spawn(listener::accept_loop(
+        r.accept = Some(tokio::spawn(listener::accept_loop(
             r.socket.clone(),
             r.cfg.name.clone(),
             r.cfg.max_clients,
@@ -191,10 +218,10 @@ impl App {
             r.graceful.clone(),
             r.accepting.clone(),
             self.metrics.listener(&r.cfg.name),
-        ));
+        )));
     }
 
-    fn publish(&self) {
+    fn publish(&self, upstreams: Vec<Arc<Upstream>>) {
         let infos = self
             .listeners
             .iter()
@@ -206,7 +233,7 @@ impl App {
                 client_keepalive: r.cfg.client_keepalive,
             })
             .collect();
-        self.shared.publish(self.upstreams.clone(), infos);
+        self.shared.publish(upstreams, infos);
     }
 
     /// Where each listener is bound, in config order (port 0 resolved).
@@ -216,7 +243,7 @@ impl App {
 
     /// The upstreams, in config order.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.upstreams.clone()
+        self.shared.upstreams().to_vec()
     }
 
     pub fn config(&self) -> &Config {
@@ -230,26 +257,22 @@ impl App {
     /// # Errors
     /// A new listener that cannot be bound; the running config stays.
     pub async fn reload(&mut self, cfg: Config) -> Result<(), ReloadError> {
+        // Listeners are the same when name and configured bind are.
+        let same = |a: &ListenerConfig, b: &ListenerConfig| a.name == b.name && a.bind == b.bind;
+
         // Bind first: the only step that can fail.
-        let key = |l: &ListenerConfig| (l.name.clone(), l.bind);
         let mut fresh_sockets = HashMap::new();
         for (i, lc) in cfg.listeners.iter().enumerate() {
-            if !self.listeners.iter().any(|r| key(&r.cfg) == key(lc)) {
-                let std_l = listener::bind(i, lc)?;
-                let reg = |source| StartError::Register {
-                    key: format!("listener[{i}].bind ({})", lc.name),
-                    source,
-                };
-                let l = TcpListener::from_std(std_l).map_err(reg)?;
-                let addr = l.local_addr().map_err(reg)?;
-                fresh_sockets.insert(i, (Arc::new(l), addr));
+            if !self.listeners.iter().any(|r| same(&r.cfg, lc)) {
+                fresh_sockets.insert(i, register(listener_key(i, lc), listener::bind(i, lc)?)?);
             }
         }
 
         // Upstreams: keep the unchanged ones (their pools and connections).
+        let current = self.shared.upstreams();
         let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
         for uc in &cfg.upstreams {
-            match self.upstreams.iter().find(|u| u.cfg == *uc) {
+            match current.iter().find(|u| u.cfg == *uc) {
                 Some(u) => upstreams.push(u.clone()),
                 None => {
                     tracing::info!(upstream = %uc.name, "upstream new or changed: new pools");
@@ -264,7 +287,7 @@ impl App {
         let mut next = Vec::with_capacity(cfg.listeners.len());
         for (i, lc) in cfg.listeners.iter().enumerate() {
             let up = upstreams[lc.upstream].clone();
-            let mut r = match old.iter().position(|r| key(&r.cfg) == key(lc)) {
+            let mut r = match old.iter().position(|r| same(&r.cfg, lc)) {
                 Some(pos) => {
                     let mut r = old.swap_remove(pos);
                     r.proxy.set_upstream(up, lc.access_log);
@@ -273,22 +296,10 @@ impl App {
                 }
                 None => {
                     let (socket, addr) = fresh_sockets.remove(&i).expect("bound above");
-                    Running {
-                        cfg: lc.clone(),
-                        socket,
-                        addr,
-                        proxy: Arc::new(Proxy::new(
-                            lc.name.as_str().into(),
-                            up,
-                            self.metrics.listener(&lc.name),
-                            lc.access_log,
-                        )),
-                        graceful: Arc::new(GracefulShutdown::new()),
-                        accepting: CancellationToken::new(),
-                    }
+                    self.running(lc, socket, addr, up)
                 }
             };
-            self.spawn_accept(&mut r);
+            self.spawn_accept(&mut r).await;
             next.push(r);
         }
         self.listeners = next;
@@ -297,37 +308,19 @@ impl App {
         // accept loop), then drain their connections in the background.
         for r in old {
             tracing::info!(listener = %r.cfg.name, bind = %r.addr, "listener removed: draining");
-            r.accepting.cancel();
-            let drain = cfg.drain_timeout;
-            let graceful = r.graceful;
-            self.retired.spawn(async move {
-                // The accept loop holds a reference until it sees the cancel.
-                let mut g = graceful;
-                let shutdown = loop {
-                    match Arc::try_unwrap(g) {
-                        Ok(s) => break s,
-                        Err(back) => {
-                            g = back;
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(drain, shutdown.shutdown()).await;
-            });
+            self.retired.spawn(r.drain(cfg.drain_timeout));
         }
 
         // Upstreams no longer used: idle connections close now, busy ones
         // when their request is done.
-        for u in &self.upstreams {
-            if !upstreams.iter().any(|n| Arc::ptr_eq(n, u)) {
-                for ep in u.endpoints().iter() {
-                    ep.pool.retire();
-                }
-            }
+        for u in current
+            .iter()
+            .filter(|u| !upstreams.iter().any(|n| Arc::ptr_eq(n, u)))
+        {
+            retire(u);
         }
-        self.upstreams = upstreams;
         self.cfg = cfg;
-        self.publish();
+        self.publish(upstreams);
         tracing::info!(generation = self.shared.generation(), "config reloaded");
         Ok(())
     }
@@ -336,30 +329,34 @@ impl App {
     /// then cuts the rest. Returns `true` if everything finished in time.
     pub async fn stop(self, drain: Duration) -> bool {
         self.shared.set_ready(false);
-        self.shutdown.cancel();
-        self.accept_loops.close();
-        self.accept_loops.wait().await;
-        let drains = TaskTracker::new();
-        for r in self.listeners {
-            // The accept loops have ended; theirs were the other references.
-            if let Ok(g) = Arc::try_unwrap(r.graceful) {
-                drains.spawn(g.shutdown());
-            }
+        // All listeners drain at once, each in its own task.
+        let results: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|r| tokio::spawn(r.drain(drain)))
+            .collect();
+        let mut clean = true;
+        for r in results {
+            clean &= r.await.unwrap_or(false);
         }
-        drains.close();
-        let clean = tokio::time::timeout(drain, drains.wait()).await.is_ok();
         if !clean {
             tracing::warn!(drain = %humantime::format_duration(drain), "drain timeout: cutting remaining client connections");
         }
         self.retired.close();
         let _ = tokio::time::timeout(drain, self.retired.wait()).await;
         // Idle upstream connections close now; nothing will use them.
-        for up in &self.upstreams {
-            for ep in up.endpoints().iter() {
-                ep.pool.retire();
-            }
+        for up in self.shared.upstreams().iter() {
+            retire(up);
         }
         self.admin_stop.cancel();
         clean
+    }
+}
+
+/// Closes an upstream's idle connections now and the busy ones when their
+/// request is done.
+fn retire(up: &Upstream) {
+    for ep in up.endpoints().iter() {
+        ep.pool.retire();
     }
 }

@@ -32,17 +32,7 @@ fn every_shipped_config_passes_check() {
         // extension(), not ends_with(".toml"): the latter compares whole
         // path components and matches nothing.
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = Command::new(BIN)
-                .args(["check", "--config"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            support::assert_check_passes(&path);
             checked += 1;
         }
     }
@@ -85,69 +75,56 @@ impl Drop for Child {
     }
 }
 
+impl Child {
+    /// `loopmux [global args] run --config FILE`, stderr captured.
+    fn run(global: &[&str], config: &Path, env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(BIN);
+        cmd.args(global).args(["run", "--config"]).arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Child(
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// SIGTERM, wait for the exit, and return how it exited and its log.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        signal(&self, libc::SIGTERM);
+        let status = wait_exit(&mut self);
+        let mut log = String::new();
+        use std::io::Read;
+        self.0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (status, log)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 #[test]
 fn run_serves_and_stops_cleanly_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let origin = rt.block_on(support::origin());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let dir = std::env::temp_dir().join(format!("loopmux-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("run.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"u\"\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            origin.addr
-        ),
-    )
-    .unwrap();
-    let mut child = Child(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://127.0.0.1:{port}/");
-    let start = Instant::now();
-    let mut served = false;
-    while start.elapsed() < Duration::from_secs(20) {
-        let (code, out, _) = rt.block_on(support::curl(&[&url]));
-        if code == 0 && out == "ok\n" {
-            served = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(served, "loopmux run never served {url}");
-    // SAFETY: signalling our own child by its pid.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "loopmux did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (file, port) = write_config(&dir, origin.addr, "");
+    let child = Child::run(&[], &file, &[]);
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+    let (status, log) = child.stop();
     assert!(status.success(), "{status:?}");
-    let mut log = String::new();
-    use std::io::Read;
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
     assert!(
         log.contains("listening") && log.contains("listener=t"),
         "{log}"
@@ -245,11 +222,7 @@ fn write_config(
     listener_extra: &str,
 ) -> (std::path::PathBuf, u16) {
     std::fs::create_dir_all(dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let file = dir.join("run.toml");
     std::fs::write(
         &file,
@@ -298,28 +271,10 @@ fn json_logs_and_access_log() {
     let origin = rt.block_on(support::origin());
     let dir = std::env::temp_dir().join(format!("loopmux-json-{}", std::process::id()));
     let (file, port) = write_config(&dir, origin.addr, "access_log = true");
-    let mut child = Child(
-        Command::new(BIN)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&file)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let child = Child::run(&["--log-format", "json"], &file, &[("RUST_LOG", "info")]);
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
-    signal(&child, libc::SIGTERM);
-    assert!(wait_exit(&mut child).success());
-    let mut log = String::new();
-    use std::io::Read;
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let (status, log) = child.stop();
+    assert!(status.success());
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -394,15 +349,7 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     let dir = std::env::temp_dir().join(format!("loopmux-hup-{}", std::process::id()));
     let (file, port) = write_config(&dir, origin.addr, "");
     let good = std::fs::read_to_string(&file).unwrap();
-    let mut child = Child(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let child = Child::run(&[], &file, &[]);
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
 
     std::fs::write(
@@ -414,11 +361,7 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     std::thread::sleep(Duration::from_millis(300));
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
 
-    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port2 = free_port();
     std::fs::write(
         &file,
         format!("{good}\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:{port2}\"\nupstream = \"u\"\n"),
@@ -428,17 +371,8 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     wait_served(&rt, &format!("http://127.0.0.1:{port2}/"));
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
 
-    signal(&child, libc::SIGTERM);
-    assert!(wait_exit(&mut child).success());
-    let mut log = String::new();
-    use std::io::Read;
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let (status, log) = child.stop();
+    assert!(status.success());
     assert!(
         log.contains("listener[0].upstream: no [[upstream]] is named `nope`"),
         "{log}"
@@ -454,26 +388,14 @@ fn sigterm_drains_slow_requests_and_readyz_says_draining() {
     let origin = rt.block_on(support::origin());
     let dir = std::env::temp_dir().join(format!("loopmux-drain-{}", std::process::id()));
     let (file, port) = write_config(&dir, origin.addr, "");
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = free_port();
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
         &file,
         format!("[admin]\nbind = \"127.0.0.1:{admin_port}\"\n\n{text}"),
     )
     .unwrap();
-    let mut child = Child(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Child::run(&[], &file, &[]);
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
     let slow: Vec<_> = (0..6)
         .map(|_| {

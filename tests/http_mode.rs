@@ -61,19 +61,13 @@ async fn fixed_host_header_replaces_clients() {
 async fn http10_without_host_gets_endpoint_host_and_is_closed_by_loopmux() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
-    let out = raw(
-        addr,
-        b"GET /headers HTTP/1.0\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = closed_by_loopmux(addr, b"GET /headers HTTP/1.0\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.0 200"), "{out}");
     assert!(
         out.to_ascii_lowercase()
             .contains(&format!("host: {}", o.addr)),
         "{out}"
     );
-    // read_to_end returned: loopmux closed the connection (EOF) first.
     app.stop(Duration::from_secs(1)).await;
 }
 
@@ -82,12 +76,7 @@ async fn client_keepalive_false_answers_connection_close_and_closes_first() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "client_keepalive = false", "")).await;
     // A keep-alive request: loopmux must still say close, and close.
-    let out = raw(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = closed_by_loopmux(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(
         out.to_ascii_lowercase().contains("connection: close"),
@@ -101,10 +90,9 @@ async fn client_keepalive_false_answers_connection_close_and_closes_first() {
 async fn client_connection_close_is_honoured_and_keepalive_is_default() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "")).await;
-    let out = raw(
+    let out = closed_by_loopmux(
         addr,
         b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
     )
     .await;
     assert!(
@@ -112,10 +100,9 @@ async fn client_connection_close_is_honoured_and_keepalive_is_default() {
         "{out}"
     );
     // Two requests on one connection: keep-alive works by default.
-    let out = raw(
+    let out = closed_by_loopmux(
         addr,
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
     )
     .await;
     assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");

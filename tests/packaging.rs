@@ -2,10 +2,9 @@
 //! running it: the Kubernetes manifests parse and their config passes
 //! `loopmux check`; the unit file names what the README promises.
 
-use std::path::Path;
-use std::process::Command;
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_loopmux");
+use std::path::Path;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,16 +28,7 @@ fn sidecar_manifests_parse_and_their_config_checks() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("loopmux.toml");
     std::fs::write(&file, toml).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::assert_check_passes(&file);
     std::fs::remove_dir_all(&dir).unwrap();
 
     let dep = docs

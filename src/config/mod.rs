@@ -39,10 +39,6 @@ pub const ENV_PREFIX: &str = "LOOPMUX";
 /// [`ConfigError::Parse`] for TOML or type errors (naming the key where the
 /// parser knows it), [`ConfigError::Invalid`] for every rule that fails.
 pub fn load_str(toml: &str, env: HashMap<String, String>) -> Result<Config, ConfigError> {
-    let env = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-        .collect::<HashMap<_, _>>();
     let built = config::Config::builder()
         .add_source(config::File::from_str(toml, config::FileFormat::Toml))
         .add_source(

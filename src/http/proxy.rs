@@ -146,20 +146,13 @@ impl Proxy {
         headers::strip_expect(&mut parts.headers);
         parts.version = Version::HTTP_11;
 
-        // Only requests that can be replayed keep a copy of their head.
-        let replay = (idempotent(&parts.method) && body.is_end_stream()).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
+        let replayable = idempotent(&parts.method) && body.is_end_stream();
         let mut req = Some(Request::from_parts(parts, Either::Left(body)));
-        let mut replay = replay;
         let mut fresh = false;
         // Nothing was sent when a dial fails, so another endpoint may be
         // tried; the failed one is in back-off and will not be picked again.
-        let mut dial_retries = up.endpoints().len().saturating_sub(1).min(2);
+        // Counted only once a dial fails: the common path never reads it.
+        let mut dial_retries: Option<usize> = None;
 
         loop {
             let in_flight = up.pick().ok_or(ProxyError::NoEndpoint)?;
@@ -181,8 +174,10 @@ impl Proxy {
                     }
                     Err(e) => {
                         up.mark_failed(&ep);
-                        if dial_retries > 0 {
-                            dial_retries -= 1;
+                        let left = dial_retries
+                            .get_or_insert_with(|| up.endpoints().len().saturating_sub(1).min(2));
+                        if *left > 0 {
+                            *left -= 1;
                             tracing::debug!(endpoint = %ep.addr, error = %e, "dial failed; trying another endpoint");
                             continue;
                         }
@@ -200,6 +195,10 @@ impl Proxy {
             });
             let reused = conn.is_reused();
             let local = conn.local;
+            // A copy of the head, only when this attempt may be replayed:
+            // a bodiless idempotent request on a reused connection.
+            let replay = (reused && !fresh && replayable)
+                .then(|| (r.method().clone(), r.uri().clone(), r.headers().clone()));
             let sent =
                 tokio::time::timeout(up.cfg.request_timeout, conn.send.try_send_request(r)).await;
             match sent {
@@ -230,21 +229,19 @@ impl Proxy {
                     conn.discard();
                     if reused && !fresh {
                         // Not written at all: always safe to send again.
-                        if let Some(back) = e.take_message() {
-                            tracing::debug!(endpoint = %ep.addr, "reused connection was closed before the request was written; retrying on a fresh one");
-                            req = Some(back);
-                            fresh = true;
-                            up.retries
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            continue;
-                        }
-                        // Possibly written: only an idempotent, bodiless request.
-                        if let Some((m, u, h)) = replay.take() {
-                            tracing::debug!(endpoint = %ep.addr, error = %e.error(), "reused connection failed; replaying idempotent request on a fresh one");
-                            let mut again = Request::new(ReqBody::Right(Empty::new()));
-                            *again.method_mut() = m;
-                            *again.uri_mut() = u;
-                            *again.headers_mut() = h;
+                        // Possibly written: only the copy of an idempotent,
+                        // bodiless request (`replay`).
+                        let again = e.take_message().or_else(|| {
+                            replay.map(|(m, u, h)| {
+                                let mut again = Request::new(ReqBody::Right(Empty::new()));
+                                *again.method_mut() = m;
+                                *again.uri_mut() = u;
+                                *again.headers_mut() = h;
+                                again
+                            })
+                        });
+                        if let Some(again) = again {
+                            tracing::debug!(endpoint = %ep.addr, error = %e.error(), "reused connection failed; retrying once on a fresh one");
                             req = Some(again);
                             fresh = true;
                             up.retries

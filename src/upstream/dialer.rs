@@ -104,10 +104,6 @@ impl fmt::Display for DialError {
 }
 
 impl DialError {
-    pub fn is_timeout(&self) -> bool {
-        matches!(self.kind, DialErrorKind::Timeout(_))
-    }
-
     /// The errno, when the kernel gave one.
     pub fn errno(&self) -> Option<i32> {
         match &self.kind {
@@ -507,16 +503,5 @@ mod tests {
         let c = d.dial(dest).await.unwrap();
         l.accept().await.unwrap();
         assert_eq!(c.source, None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn connect_timeout_is_reported() {
-        // A listener with a full backlog never completes the handshake on some
-        // kernels; 198.18.0.0/15 is routed nowhere here, so a SYN to it hangs
-        // or fails at once. Either way the error must name the destination.
-        let d = Dialer::new(&[], Duration::from_millis(100), Duration::from_secs(5));
-        let dest: SocketAddr = "198.18.255.254:9".parse().unwrap();
-        let e = d.dial(dest).await.unwrap_err();
-        assert!(e.to_string().contains("198.18.255.254:9"), "{e}");
     }
 }

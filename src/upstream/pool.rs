@@ -44,15 +44,12 @@ pub enum PoolError {
     QueueTimeout(Duration),
 }
 
-/// Counters read by metrics and tests. Monotonic unless said otherwise.
+/// Requests turned away with 503, read by metrics. Both only move when
+/// the cap is reached, so they cost nothing on the normal path.
 #[derive(Debug, Default)]
 pub struct PoolStats {
-    pub slots_granted: AtomicU64,
-    pub reused: AtomicU64,
-    pub discarded: AtomicU64,
     pub queue_full: AtomicU64,
     pub queue_timeout: AtomicU64,
-    pub queued: AtomicU64,
 }
 
 /// A point-in-time view, for `/status` and tests.
@@ -158,10 +155,7 @@ impl<T: Reusable> Inner<T> {
                 id: st.next_id,
             };
             match tx.send(Grant::Slot(slot)) {
-                Ok(()) => {
-                    self.stats.slots_granted.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+                Ok(()) => return,
                 Err(Grant::Slot(mut s)) => {
                     // Waiter gave up; disarm so its drop does not re-enter.
                     s.inner = None;
@@ -217,10 +211,6 @@ impl<T: Reusable> Pool<T> {
         }
     }
 
-    pub fn config(&self) -> &PoolConfig {
-        &self.inner.cfg
-    }
-
     pub fn stats(&self) -> &PoolStats {
         &self.inner.stats
     }
@@ -273,7 +263,6 @@ impl<T: Reusable> Pool<T> {
                         doomed.push(idle);
                         continue;
                     }
-                    inner.stats.reused.fetch_add(1, Ordering::Relaxed);
                     drop(st);
                     drop(doomed);
                     return Ok(Acquired::Reused(Pooled {
@@ -287,10 +276,6 @@ impl<T: Reusable> Pool<T> {
             // Each doomed connection frees its place; it becomes our slot
             // (or a waiter's) below.
             st.open -= doomed.len();
-            inner
-                .stats
-                .discarded
-                .fetch_add(doomed.len() as u64, Ordering::Relaxed);
             if st.open < inner.cfg.max_connections {
                 st.open += 1;
                 st.next_id += 1;
@@ -302,7 +287,6 @@ impl<T: Reusable> Pool<T> {
                 }
                 drop(st);
                 drop(doomed);
-                inner.stats.slots_granted.fetch_add(1, Ordering::Relaxed);
                 return Ok(Acquired::Dial(Slot {
                     inner: Some(inner.clone()),
                     id,
@@ -317,16 +301,12 @@ impl<T: Reusable> Pool<T> {
             }
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(tx);
-            inner.stats.queued.fetch_add(1, Ordering::Relaxed);
             drop(st);
             drop(doomed);
             rx
         };
         match tokio::time::timeout(inner.cfg.queue_timeout, rx).await {
-            Ok(Ok(Grant::Conn(p))) => {
-                inner.stats.reused.fetch_add(1, Ordering::Relaxed);
-                Ok(Acquired::Reused(p))
-            }
+            Ok(Ok(Grant::Conn(p))) => Ok(Acquired::Reused(p)),
             Ok(Ok(Grant::Slot(s))) => Ok(Acquired::Dial(s)),
             // The sender is only dropped by `retire` draining waiters, or
             // with the pool; either way no place became free in time.
@@ -362,10 +342,6 @@ impl<T: Reusable> Pool<T> {
             }
             doomed
         };
-        inner
-            .stats
-            .discarded
-            .fetch_add(doomed.len() as u64, Ordering::Relaxed);
         doomed.len()
     }
 
@@ -418,7 +394,6 @@ impl<T: Reusable> WeakPool<T> {
             inner.release_slot(&mut st);
             doomed
         };
-        inner.stats.discarded.fetch_add(1, Ordering::Relaxed);
         drop(doomed);
     }
 }
@@ -495,7 +470,7 @@ impl<T: Reusable> Drop for Pooled<T> {
         let keep =
             !self.discard && entry.conn.is_usable() && !self.inner.expired(&entry, Instant::now());
         let inner = &self.inner;
-        let closed = {
+        let _closed = {
             let mut st = inner.lock();
             if keep {
                 let back = inner.put_back(&mut st, entry);
@@ -508,10 +483,7 @@ impl<T: Reusable> Drop for Pooled<T> {
                 Some(entry)
             }
         };
-        if closed.is_some() {
-            inner.stats.discarded.fetch_add(1, Ordering::Relaxed);
-        }
-        // `closed` drops here, outside the lock.
+        // `_closed` drops here, outside the lock.
     }
 }
 
@@ -555,6 +527,12 @@ mod tests {
             Acquired::Dial(s) => s.fill(Fake::new()),
         }
     }
+
+    const EMPTY: PoolSnapshot = PoolSnapshot {
+        open: 0,
+        idle: 0,
+        waiting: 0,
+    };
 
     #[tokio::test]
     async fn reuses_most_recently_used_first() {
@@ -652,14 +630,7 @@ mod tests {
         let p = get(&pool).await;
         tokio::time::advance(Duration::from_secs(26)).await;
         drop(p); // too old: closed on return
-        assert_eq!(
-            pool.snapshot(),
-            PoolSnapshot {
-                open: 0,
-                idle: 0,
-                waiting: 0
-            }
-        );
+        assert_eq!(pool.snapshot(), EMPTY);
     }
 
     #[tokio::test]
@@ -670,14 +641,7 @@ mod tests {
         drop(a);
         assert_eq!(pool.snapshot().idle, 1);
         pool.downgrade().evict(id);
-        assert_eq!(
-            pool.snapshot(),
-            PoolSnapshot {
-                open: 0,
-                idle: 0,
-                waiting: 0
-            }
-        );
+        assert_eq!(pool.snapshot(), EMPTY);
     }
 
     #[tokio::test]

@@ -68,3 +68,32 @@ pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
     let a = s.local_addr().unwrap().as_socket().unwrap();
     (s, a)
 }
+
+/// Sends raw bytes and reads until loopmux closes the connection; fails the
+/// test if it does not within 5 s. The client never closes its side, so an
+/// EOF here means loopmux closed first.
+pub async fn closed_by_loopmux(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(read.is_ok(), "loopmux did not close the connection: {out}");
+    out
+}
+
+/// Runs `loopmux check --config path` (the built binary) and fails the test,
+/// with loopmux's reasons, unless it exits 0.
+pub fn assert_check_passes(path: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopmux"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
