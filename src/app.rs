@@ -66,6 +66,8 @@ struct Running {
     socket: Arc<TcpListener>,
     addr: SocketAddr,
     proxy: Arc<Proxy>,
+    /// `max_clients`, kept across reloads.
+    limit: Arc<listener::ClientLimit>,
     /// Tracks this listener's client connections, for its drain. The one
     /// other reference is held by the accept loop while it runs.
     graceful: Arc<GracefulShutdown>,
@@ -88,7 +90,13 @@ impl Running {
     /// Returns `true` if they all did.
     async fn drain(mut self, drain: Duration) -> bool {
         self.stop_accepting().await;
-        match Arc::try_unwrap(self.graceful) {
+        // Close the listening socket now: new clients are refused at once
+        // (and fail over) instead of waiting in a backlog nobody reads.
+        let Running {
+            socket, graceful, ..
+        } = self;
+        drop(socket);
+        match Arc::try_unwrap(graceful) {
             Ok(g) => tokio::time::timeout(drain, g.shutdown()).await.is_ok(),
             Err(_) => false,
         }
@@ -189,12 +197,8 @@ impl App {
             cfg: lc.clone(),
             socket: Arc::new(socket),
             addr,
-            proxy: Arc::new(Proxy::new(
-                lc.name.as_str().into(),
-                up,
-                self.metrics.listener(&lc.name),
-                lc.access_log,
-            )),
+            proxy: Arc::new(Proxy::new(lc, up, self.metrics.listener(&lc.name))),
+            limit: Arc::new(listener::ClientLimit::new(lc.max_clients)),
             graceful: Arc::new(GracefulShutdown::new()),
             accepting: CancellationToken::new(),
             accept: None,
@@ -213,7 +217,7 @@ impl App {
         r.accept = Some(tokio::spawn(listener::accept_loop(
             r.socket.clone(),
             r.cfg.name.clone(),
-            r.cfg.max_clients,
+            r.limit.clone(),
             server,
             r.graceful.clone(),
             r.accepting.clone(),
@@ -269,15 +273,22 @@ impl App {
         }
 
         // Upstreams: keep the unchanged ones (their pools and connections).
+        // A changed one whose connections can stay (same name and protocol)
+        // takes over the old pools, reconfigured in place: one pool per
+        // endpoint at every moment, so the cap holds through the reload.
         let current = self.shared.upstreams();
         let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
+        let mut inherited: Vec<Arc<Upstream>> = Vec::new();
         for uc in &cfg.upstreams {
-            match current.iter().find(|u| u.cfg == *uc) {
-                Some(u) => upstreams.push(u.clone()),
-                None => {
-                    tracing::info!(upstream = %uc.name, "upstream new or changed: new pools");
-                    upstreams.push(Upstream::start(uc.clone()).await);
-                }
+            if let Some(u) = current.iter().find(|u| u.cfg == *uc) {
+                upstreams.push(u.clone());
+            } else if let Some(prev) = current.iter().find(|u| u.can_reconfigure(uc)) {
+                tracing::info!(upstream = %uc.name, "upstream changed: pools reconfigured in place");
+                upstreams.push(Upstream::start_after(uc.clone(), Some(prev)).await);
+                inherited.push(prev.clone());
+            } else {
+                tracing::info!(upstream = %uc.name, "upstream new: new pools");
+                upstreams.push(Upstream::start(uc.clone()).await);
             }
         }
 
@@ -290,7 +301,8 @@ impl App {
             let mut r = match old.iter().position(|r| same(&r.cfg, lc)) {
                 Some(pos) => {
                     let mut r = old.swap_remove(pos);
-                    r.proxy.set_upstream(up, lc.access_log);
+                    r.proxy.reconfigure(up, lc);
+                    r.limit.resize(lc.max_clients);
                     r.cfg = lc.clone();
                     r
                 }
@@ -313,10 +325,10 @@ impl App {
 
         // Upstreams no longer used: idle connections close now, busy ones
         // when their request is done.
-        for u in current
-            .iter()
-            .filter(|u| !upstreams.iter().any(|n| Arc::ptr_eq(n, u)))
-        {
+        for u in current.iter().filter(|u| {
+            !upstreams.iter().any(|n| Arc::ptr_eq(n, u))
+                && !inherited.iter().any(|n| Arc::ptr_eq(n, u))
+        }) {
             retire(u);
         }
         self.cfg = cfg;

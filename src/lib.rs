@@ -14,6 +14,7 @@ pub mod load;
 pub mod metrics;
 pub mod origin;
 pub mod shutdown;
+pub mod stall;
 pub mod state;
 pub mod systemd;
 pub mod upstream;

@@ -98,6 +98,9 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { config } => match loopmux::config::load_file(&config) {
             Ok(c) => {
+                for w in loopmux::config::unresolved_endpoints(&c) {
+                    eprintln!("{}: warning: {w}", config.display());
+                }
                 println!(
                     "{}: ok ({} listeners, {} upstreams)",
                     config.display(),

@@ -3,6 +3,7 @@
 //! request), and pool/source state is read at scrape time by a collector, so
 //! the upstream code carries only plain atomics.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -25,6 +26,9 @@ fn new_histogram() -> Histogram {
 pub struct Metrics {
     accepted: Family<Labels, Counter>,
     active: Family<Labels, Gauge>,
+    at_limit: Family<Labels, Gauge>,
+    at_limit_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    stalls: Family<Labels, Counter>,
     responses: Family<Labels, Counter>,
     duration: Family<Labels, Histogram, fn() -> Histogram>,
 }
@@ -34,6 +38,15 @@ pub struct Metrics {
 pub struct ListenerStats {
     pub accepted: Counter,
     pub active: Gauge,
+    /// 1 while the listener is at `max_clients` (new clients wait in the
+    /// kernel's backlog).
+    pub at_limit: Gauge,
+    pub at_limit_seconds: Counter<f64, AtomicU64>,
+    /// Exchanges ended because the client moved no body bytes for the
+    /// listener's `body_timeout`.
+    pub client_stalls: Counter,
+    /// … because the upstream moved none for its `body_timeout`.
+    pub upstream_stalls: Counter,
     /// Index `status / 100 - 1`: 1xx … 5xx.
     pub responses: [Counter; 5],
     pub duration: Histogram,
@@ -53,6 +66,9 @@ impl Metrics {
         let m = Metrics {
             accepted: Family::default(),
             active: Family::default(),
+            at_limit: Family::default(),
+            at_limit_seconds: Family::default(),
+            stalls: Family::default(),
             responses: Family::default(),
             duration: Family::new_with_constructor(new_histogram),
         };
@@ -66,6 +82,21 @@ impl Metrics {
             "listener_connections_active",
             "Client connections open now",
             m.active.clone(),
+        );
+        r.register(
+            "listener_at_limit",
+            "1 while the listener is at max_clients and new clients wait in the kernel backlog",
+            m.at_limit.clone(),
+        );
+        r.register(
+            "listener_at_limit_seconds",
+            "Time spent at max_clients",
+            m.at_limit_seconds.clone(),
+        );
+        r.register(
+            "body_stalls",
+            "Exchanges ended because a body moved no bytes for body_timeout, by the side that stalled",
+            m.stalls.clone(),
         );
         r.register(
             "listener_responses",
@@ -88,9 +119,18 @@ impl Metrics {
             l.push(("class", c.to_string()));
             self.responses.get_or_create(&l).clone()
         };
+        let side = |side: &str| {
+            let mut l = l.clone();
+            l.push(("side", side.to_string()));
+            self.stalls.get_or_create(&l).clone()
+        };
         ListenerStats {
             accepted: self.accepted.get_or_create(&l).clone(),
             active: self.active.get_or_create(&l).clone(),
+            at_limit: self.at_limit.get_or_create(&l).clone(),
+            at_limit_seconds: self.at_limit_seconds.get_or_create(&l).clone(),
+            client_stalls: side("client"),
+            upstream_stalls: side("upstream"),
             responses: [
                 class("1xx"),
                 class("2xx"),

@@ -139,8 +139,9 @@ async fn admin_bind_must_be_loopback() {
     let err = loopmux::config::load_str("[admin]\nbind = \"0.0.0.0:9901\"\n", Default::default())
         .unwrap_err();
     assert!(err.to_string().contains("admin.bind"), "{err}");
+    let listener = one_upstream("127.0.0.1:9".parse().unwrap(), "", "");
     loopmux::config::load_str(
-        "[admin]\nbind = \"0.0.0.0:9901\"\nallow_remote = true\n",
+        &format!("[admin]\nbind = \"0.0.0.0:9901\"\nallow_remote = true\n{listener}"),
         Default::default(),
     )
     .unwrap();

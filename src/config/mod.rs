@@ -51,11 +51,83 @@ pub fn load_str(toml: &str, env: HashMap<String, String>) -> Result<Config, Conf
                 .source(Some(env.into_iter().collect())),
         )
         .build()
-        .map_err(|e| ConfigError::Parse(e.to_string()))?;
-    let raw: RawConfig = built
-        .try_deserialize()
-        .map_err(|e| ConfigError::Parse(e.to_string()))?;
-    validate(raw).map_err(ConfigError::Invalid)
+        .map_err(|e| ConfigError::Parse(dotted(&e.to_string())))?;
+    let mut unknown = Vec::new();
+    let raw: RawConfig = serde_ignored::deserialize(built, |path| {
+        unknown.push(Problem {
+            key: key_path(&path),
+            reason: "unknown key".into(),
+        });
+    })
+    .map_err(|e| ConfigError::Parse(dotted(&e.to_string())))?;
+    match validate(raw) {
+        Ok(c) if unknown.is_empty() => Ok(c),
+        Ok(_) => Err(ConfigError::Invalid(unknown)),
+        Err(mut problems) => {
+            unknown.append(&mut problems);
+            Err(ConfigError::Invalid(unknown))
+        }
+    }
+}
+
+/// Endpoint names that do not resolve now: warnings for `check`, not
+/// errors (`run` starts anyway and retries every `dns_refresh`, since the
+/// name may only exist where the config is deployed).
+pub fn unresolved_endpoints(cfg: &Config) -> Vec<Problem> {
+    use std::net::ToSocketAddrs;
+    let mut out = Vec::new();
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        for (j, ep) in u.endpoints.iter().enumerate() {
+            if let EndpointAddr::Name { host, port } = ep {
+                let reason = match (host.as_str(), *port).to_socket_addrs() {
+                    Ok(addrs) if !addrs.as_slice().is_empty() => continue,
+                    Ok(_) => "resolves to no address".to_string(),
+                    Err(e) => {
+                        format!("does not resolve now ({e}); loopmux will retry every dns_refresh")
+                    }
+                };
+                out.push(Problem {
+                    key: format!("upstream[{i}].endpoints[{j}]"),
+                    reason: format!("`{ep}` {reason}"),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `listener[0].bnd`, the way every other problem names its key.
+fn key_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => {
+            let p = key_path(parent);
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_path(parent),
+    }
+}
+
+/// The config crate writes `upstream[0]max_connections`; put the dot back.
+fn dotted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len() + 4);
+    let mut prev = None;
+    for ch in msg.chars() {
+        if prev == Some(']') && (ch.is_ascii_alphabetic() || ch == '_') {
+            out.push('.');
+        }
+        out.push(ch);
+        prev = Some(ch);
+    }
+    out
 }
 
 /// Loads `path` with overrides from the process environment.

@@ -171,3 +171,111 @@ fn fixed_host_header() {
         HostHeader::Fixed(http::HeaderValue::from_static("api.internal"))
     );
 }
+
+#[test]
+fn every_unknown_key_is_reported_with_its_dotted_path() {
+    let toml = MINIMAL
+        .replace("endpoints =", "max_conections = 4\nendpoints =")
+        .replace("upstream = \"u\"\n", "upstream = \"u\"\nbnd = \"x\"\n")
+        + "[listner]\nname = \"x\"\n";
+    let e = problems(&toml);
+    for key in ["upstream[0].max_conections", "listener[0].bnd", "listner"] {
+        assert!(e.contains(&format!("{key}: unknown key")), "{key} in: {e}");
+    }
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_an_error_not_converted() {
+    let toml = MINIMAL
+        .replace(
+            "upstream = \"u\"\n",
+            "upstream = \"u\"\nclient_keepalive = \"no\"\nmax_clients = -3\n",
+        )
+        .replace("endpoints =", "max_connections = \"8\"\nendpoints =");
+    let e = problems(&toml);
+    for want in [
+        "listener[0].client_keepalive: expected true or false, found the string \"no\"",
+        "listener[0].max_clients: expected a whole number, found the integer -3",
+        "upstream[0].max_connections: expected a whole number, found the string \"8\"",
+    ] {
+        assert!(e.contains(want), "{want} in: {e}");
+    }
+    let e = problems(&MINIMAL.replace("[\"127.0.0.1:9000\"]", "\"127.0.0.1:9000\""));
+    assert!(
+        e.contains("upstream[0].endpoints: expected a list of strings"),
+        "{e}"
+    );
+}
+
+#[test]
+fn endpoint_port_zero_is_rejected_for_addresses_too() {
+    let e = problems(&MINIMAL.replace("127.0.0.1:9000", "127.0.0.1:0"));
+    assert!(e.contains("upstream[0].endpoints[0]: port 0"), "{e}");
+}
+
+#[test]
+fn counts_have_sane_ranges() {
+    let e = problems(&MINIMAL.replace(
+        "upstream = \"u\"\n",
+        "upstream = \"u\"\nmax_clients = 9223372036854775807\n",
+    ));
+    assert!(
+        e.contains("listener[0].max_clients") && e.contains("out of range"),
+        "{e}"
+    );
+    let e = problems(&MINIMAL.replace("endpoints =", "max_connections = 0\nendpoints ="));
+    assert!(e.contains("upstream[0].max_connections"), "{e}");
+}
+
+#[test]
+fn a_config_without_listeners_is_an_error() {
+    for text in [
+        "",
+        "[[upstream]]\nname = \"u\"\nendpoints = [\"127.0.0.1:9000\"]\n",
+    ] {
+        let e = problems(text);
+        assert!(
+            e.contains("listener: at least one [[listener]] is required"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn new_keys_parse_with_defaults() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(
+        c.listeners[0].request_buffer_bytes,
+        defaults::REQUEST_BUFFER_BYTES
+    );
+    assert_eq!(c.listeners[0].body_timeout, defaults::BODY_TIMEOUT);
+    assert_eq!(c.upstreams[0].body_timeout, defaults::BODY_TIMEOUT);
+    let c = load(
+        &MINIMAL
+            .replace(
+                "upstream = \"u\"\n",
+                "upstream = \"u\"\nrequest_buffer_bytes = 0\nbody_timeout = \"5s\"\n",
+            )
+            .replace("endpoints =", "body_timeout = \"7s\"\nendpoints ="),
+    )
+    .unwrap();
+    assert_eq!(c.listeners[0].request_buffer_bytes, 0);
+    assert_eq!(
+        c.listeners[0].body_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    assert_eq!(
+        c.upstreams[0].body_timeout,
+        std::time::Duration::from_secs(7)
+    );
+}
+
+#[test]
+fn env_values_are_checked_like_file_values() {
+    let env =
+        |v: &str| HashMap::from([("LOOPMUX__PROCESS__DRAIN_TIMEOUT".to_string(), v.to_string())]);
+    let c = load_str(MINIMAL, env("5s")).unwrap();
+    assert_eq!(c.drain_timeout, std::time::Duration::from_secs(5));
+    let e = load_str(MINIMAL, env("banana")).unwrap_err().to_string();
+    assert!(e.contains("process.drain_timeout"), "{e}");
+}

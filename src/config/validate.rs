@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use super::raw::{RawConfig, RawListener, RawUpstream};
+use super::raw::{Field, RawConfig, RawListener, RawUpstream};
 
 /// One thing wrong with a config, tied to the key that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +57,12 @@ pub struct ListenerConfig {
     pub max_header_bytes: usize,
     /// One log line per request (target `loopmux::access`).
     pub access_log: bool,
+    /// Request bodies up to this size are read whole before an upstream
+    /// connection is taken (0: never).
+    pub request_buffer_bytes: usize,
+    /// The client must move request body bytes, and take response bytes,
+    /// at least this often.
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,7 +104,11 @@ pub struct UpstreamConfig {
     pub max_pending: usize,
     pub queue_timeout: Duration,
     pub connect_timeout: Duration,
+    /// From the request fully sent to the response head.
     pub request_timeout: Duration,
+    /// The upstream must move response body bytes, and take request body
+    /// bytes, at least this often.
+    pub body_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
     pub host_header: HostHeader,
@@ -124,6 +134,23 @@ pub mod defaults {
     pub const MAX_CLIENTS: usize = 10_000;
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Covers the JSON and form bodies of typical API calls, so a slow
+    /// uploader of one holds no upstream connection; worst case
+    /// `max_clients` × this in memory, and only for bytes clients send.
+    pub const REQUEST_BUFFER_BYTES: usize = 64 * 1024;
+    /// A real slow link moves bytes every few seconds even through TCP
+    /// retransmits; a peer silent for 30 s is stalled, not slow.
+    pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// Upper bounds: past these a value is a typo, and some would break the
+/// runtime (a semaphore holds at most `usize::MAX >> 3` permits).
+mod limits {
+    pub const MAX_CLIENTS: usize = 1_000_000;
+    pub const MAX_CONNECTIONS: usize = 100_000;
+    pub const MAX_PENDING: usize = 1_000_000;
+    pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+    pub const REQUEST_BUFFER_BYTES: usize = 16 * 1024 * 1024;
 }
 
 struct Checker {
@@ -138,8 +165,26 @@ impl Checker {
         });
     }
 
-    fn duration(&mut self, key: String, raw: Option<&str>, default: Duration) -> Duration {
-        let Some(raw) = raw else { return default };
+    /// The value if it has the right type; a wrong type is a problem.
+    fn get<'a, T>(&mut self, key: impl Into<String>, f: &'a Field<T>) -> Option<&'a T> {
+        match f {
+            Field::Missing => None,
+            Field::Given(v) => Some(v),
+            Field::Wrong { expected, found } => {
+                self.fail(key, format!("expected {expected}, found {found}"));
+                None
+            }
+        }
+    }
+
+    fn flag(&mut self, key: String, f: &Field<bool>, default: bool) -> bool {
+        self.get(key, f).copied().unwrap_or(default)
+    }
+
+    fn duration(&mut self, key: String, f: &Field<String>, default: Duration) -> Duration {
+        let Some(raw) = self.get(key.clone(), f) else {
+            return default;
+        };
         match humantime::parse_duration(raw.trim()) {
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
@@ -158,12 +203,25 @@ impl Checker {
         }
     }
 
-    fn count(&mut self, key: String, raw: Option<usize>, default: usize, min: usize) -> usize {
-        match raw {
+    fn count(
+        &mut self,
+        key: String,
+        f: &Field<usize>,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> usize {
+        match self.get(key.clone(), f).copied() {
             None => default,
-            Some(n) if n >= min => n,
+            Some(n) if range.contains(&n) => n,
             Some(n) => {
-                self.fail(key, format!("{n} is too small; the minimum is {min}"));
+                self.fail(
+                    key,
+                    format!(
+                        "{n} is out of range; allowed: {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
                 default
             }
         }
@@ -182,7 +240,9 @@ impl Checker {
         }
     }
 
-    fn ips(&mut self, key: &str, raw: &[String]) -> Vec<IpAddr> {
+    fn ips(&mut self, key: &str, f: &Field<Vec<String>>) -> Vec<IpAddr> {
+        let empty = Vec::new();
+        let raw = self.get(key, f).unwrap_or(&empty);
         let mut out = Vec::with_capacity(raw.len());
         for (i, s) in raw.iter().enumerate() {
             match s.trim().parse::<IpAddr>() {
@@ -201,6 +261,9 @@ impl Checker {
 pub fn parse_endpoint(raw: &str) -> Result<EndpointAddr, String> {
     let raw = raw.trim();
     if let Ok(a) = raw.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!("port 0 in `{raw}` cannot be dialed"));
+        }
         return Ok(EndpointAddr::Ip(a));
     }
     let (host, port) = raw
@@ -240,11 +303,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     };
 
     let admin = raw.admin.as_ref().and_then(|a| {
-        let bind = c.socket_addr(
-            "admin.bind".into(),
-            a.bind.as_deref().unwrap_or("127.0.0.1:9901"),
-        )?;
-        if !bind.ip().is_loopback() && !a.allow_remote.unwrap_or(false) {
+        let bind = c
+            .get("admin.bind", &a.bind)
+            .map_or("127.0.0.1:9901", String::as_str);
+        let bind = c.socket_addr("admin.bind".into(), bind)?;
+        if !bind.ip().is_loopback() && !c.flag("admin.allow_remote".into(), &a.allow_remote, false)
+        {
             c.fail(
                 "admin.bind",
                 format!(
@@ -256,7 +320,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     });
 
     if let Some(serve) = &raw.serve {
-        if serve.bind.is_some() || serve.tls.is_some() || serve.allow.is_some() {
+        if serve.bind != Field::Missing || serve.tls.is_some() || serve.allow != Field::Missing {
             c.fail(
                 "serve",
                 "the serve role (far end of tunnel mode) is not available in this version",
@@ -264,13 +328,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
-    let drain_timeout = c.duration(
-        "process.drain_timeout".into(),
-        raw.process
-            .as_ref()
-            .and_then(|p| p.drain_timeout.as_deref()),
-        defaults::DRAIN_TIMEOUT,
-    );
+    let drain_timeout = match &raw.process {
+        Some(p) => c.duration(
+            "process.drain_timeout".into(),
+            &p.drain_timeout,
+            defaults::DRAIN_TIMEOUT,
+        ),
+        None => defaults::DRAIN_TIMEOUT,
+    };
     let egress_sources = c.ips("egress.source_addresses", &raw.egress.source_addresses);
 
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
@@ -287,6 +352,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    if raw.listeners.is_empty() {
+        // Nothing would be served: for `run` a dead process that looks
+        // alive, for a reload the removal of every listener.
+        c.fail(
+            "listener",
+            "at least one [[listener]] is required (a config without listeners serves nothing)",
+        );
+    }
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut lnames = HashSet::new();
     let mut binds = HashSet::new();
@@ -329,8 +402,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     }
 }
 
-fn required<'a>(c: &mut Checker, key: String, v: Option<&'a String>) -> Option<&'a str> {
-    match v.map(|s| s.trim()) {
+fn required<'a>(c: &mut Checker, key: String, f: &'a Field<String>) -> Option<&'a str> {
+    if let Field::Wrong { .. } = f {
+        c.get(key, f);
+        return None;
+    }
+    match c.get(key.clone(), f).map(|s| s.trim()) {
         Some(s) if !s.is_empty() => Some(s),
         _ => {
             c.fail(key, "is required");
@@ -346,13 +423,15 @@ fn upstream(
     egress: &[IpAddr],
 ) -> Option<UpstreamConfig> {
     let k = |field: &str| format!("upstream[{i}].{field}");
-    let name = required(c, k("name"), u.name.as_ref())?.to_string();
+    let name = required(c, k("name"), &u.name)?.to_string();
 
-    if u.endpoints.is_empty() {
+    let no_endpoints = Vec::new();
+    let raw_endpoints = c.get(k("endpoints"), &u.endpoints).unwrap_or(&no_endpoints);
+    if raw_endpoints.is_empty() {
         c.fail(k("endpoints"), "needs at least one host:port");
     }
-    let mut endpoints = Vec::with_capacity(u.endpoints.len());
-    for (j, e) in u.endpoints.iter().enumerate() {
+    let mut endpoints = Vec::with_capacity(raw_endpoints.len());
+    for (j, e) in raw_endpoints.iter().enumerate() {
         match parse_endpoint(e) {
             Ok(ep) if endpoints.contains(&ep) => c.fail(
                 format!("{}[{j}]", k("endpoints")),
@@ -363,7 +442,7 @@ fn upstream(
         }
     }
 
-    let protocol = match u.protocol.as_deref().map(str::trim) {
+    let protocol = match c.get(k("protocol"), &u.protocol).map(|p| p.trim()) {
         None | Some("http1") => Protocol::Http1,
         Some(p @ ("http2" | "auto")) => {
             c.fail(
@@ -387,7 +466,7 @@ fn upstream(
         );
     }
 
-    let host_header = match u.host_header.as_deref() {
+    let host_header = match c.get(k("host_header"), &u.host_header).map(String::as_str) {
         None | Some("keep") => HostHeader::Keep,
         Some(v) => match HeaderValue::from_str(v.trim()) {
             Ok(hv) if !v.trim().is_empty() => HostHeader::Fixed(hv),
@@ -402,8 +481,8 @@ fn upstream(
     };
 
     let source_addresses = match &u.source_addresses {
-        Some(list) => c.ips(&k("source_addresses"), list),
-        None => egress.to_vec(),
+        Field::Missing => egress.to_vec(),
+        given => c.ips(&k("source_addresses"), given),
     };
 
     Some(UpstreamConfig {
@@ -412,46 +491,40 @@ fn upstream(
         protocol,
         max_connections: c.count(
             k("max_connections"),
-            u.max_connections,
+            &u.max_connections,
             defaults::MAX_CONNECTIONS,
-            1,
+            1..=limits::MAX_CONNECTIONS,
         ),
-        max_pending: c.count(k("max_pending"), u.max_pending, defaults::MAX_PENDING, 0),
+        max_pending: c.count(
+            k("max_pending"),
+            &u.max_pending,
+            defaults::MAX_PENDING,
+            0..=limits::MAX_PENDING,
+        ),
         queue_timeout: c.duration(
             k("queue_timeout"),
-            u.queue_timeout.as_deref(),
+            &u.queue_timeout,
             defaults::QUEUE_TIMEOUT,
         ),
         connect_timeout: c.duration(
             k("connect_timeout"),
-            u.connect_timeout.as_deref(),
+            &u.connect_timeout,
             defaults::CONNECT_TIMEOUT,
         ),
         request_timeout: c.duration(
             k("request_timeout"),
-            u.request_timeout.as_deref(),
+            &u.request_timeout,
             defaults::REQUEST_TIMEOUT,
         ),
-        idle_timeout: c.duration(
-            k("idle_timeout"),
-            u.idle_timeout.as_deref(),
-            defaults::IDLE_TIMEOUT,
-        ),
-        max_lifetime: c.duration(
-            k("max_lifetime"),
-            u.max_lifetime.as_deref(),
-            defaults::MAX_LIFETIME,
-        ),
+        body_timeout: c.duration(k("body_timeout"), &u.body_timeout, defaults::BODY_TIMEOUT),
+        idle_timeout: c.duration(k("idle_timeout"), &u.idle_timeout, defaults::IDLE_TIMEOUT),
+        max_lifetime: c.duration(k("max_lifetime"), &u.max_lifetime, defaults::MAX_LIFETIME),
         host_header,
         source_addresses,
-        dns_refresh: c.duration(
-            k("dns_refresh"),
-            u.dns_refresh.as_deref(),
-            defaults::DNS_REFRESH,
-        ),
+        dns_refresh: c.duration(k("dns_refresh"), &u.dns_refresh, defaults::DNS_REFRESH),
         failure_backoff: c.duration(
             k("failure_backoff"),
-            u.failure_backoff.as_deref(),
+            &u.failure_backoff,
             defaults::FAILURE_BACKOFF,
         ),
     })
@@ -464,17 +537,18 @@ fn listener(
     upstreams: &[UpstreamConfig],
 ) -> Option<ListenerConfig> {
     let k = |field: &str| format!("listener[{i}].{field}");
-    let name = required(c, k("name"), l.name.as_ref())?.to_string();
-    let bind = required(c, k("bind"), l.bind.as_ref()).and_then(|b| c.socket_addr(k("bind"), b));
+    let name = required(c, k("name"), &l.name)?.to_string();
+    let bind = required(c, k("bind"), &l.bind).and_then(|b| c.socket_addr(k("bind"), b));
+    let allow_remote = c.flag(k("allow_remote"), &l.allow_remote, false);
     if let Some(b) = bind {
-        if !b.ip().is_loopback() && !l.allow_remote.unwrap_or(false) {
+        if !b.ip().is_loopback() && !allow_remote {
             c.fail(
                 k("bind"),
                 format!("{b} is not a loopback address; set allow_remote = true on this listener to accept remote clients"),
             );
         }
     }
-    let mode = match l.mode.as_deref().map(str::trim) {
+    let mode = match c.get(k("mode"), &l.mode).map(|m| m.trim()) {
         None | Some("http") => Some(Mode::Http),
         Some(m @ ("forward" | "tcp" | "tunnel")) => {
             c.fail(
@@ -491,13 +565,13 @@ fn listener(
             None
         }
     };
-    if l.target.is_some() {
+    if l.target != Field::Missing {
         c.fail(k("target"), "only applies to mode = \"tunnel\"");
     }
-    if l.allow.is_some() {
+    if l.allow != Field::Missing {
         c.fail(k("allow"), "only applies to mode = \"forward\"");
     }
-    let upstream = match l.upstream.as_deref().map(str::trim) {
+    let upstream = match c.get(k("upstream"), &l.upstream).map(|u| u.trim()) {
         None | Some("") => {
             c.fail(k("upstream"), "is required for mode = \"http\"");
             None
@@ -512,26 +586,41 @@ fn listener(
     };
     let header_timeout = c.duration(
         k("header_timeout"),
-        l.header_timeout.as_deref(),
+        &l.header_timeout,
         defaults::HEADER_TIMEOUT,
     );
-    let max_clients = c.count(k("max_clients"), l.max_clients, defaults::MAX_CLIENTS, 1);
-    // hyper refuses a header buffer below 8 KiB.
+    let max_clients = c.count(
+        k("max_clients"),
+        &l.max_clients,
+        defaults::MAX_CLIENTS,
+        1..=limits::MAX_CLIENTS,
+    );
     let max_header_bytes = c.count(
         k("max_header_bytes"),
-        l.max_header_bytes,
+        &l.max_header_bytes,
         defaults::MAX_HEADER_BYTES,
-        1024,
+        1024..=limits::MAX_HEADER_BYTES,
     );
+    let request_buffer_bytes = c.count(
+        k("request_buffer_bytes"),
+        &l.request_buffer_bytes,
+        defaults::REQUEST_BUFFER_BYTES,
+        0..=limits::REQUEST_BUFFER_BYTES,
+    );
+    let body_timeout = c.duration(k("body_timeout"), &l.body_timeout, defaults::BODY_TIMEOUT);
+    let client_keepalive = c.flag(k("client_keepalive"), &l.client_keepalive, true);
+    let access_log = c.flag(k("access_log"), &l.access_log, false);
     Some(ListenerConfig {
         name,
         bind: bind?,
         mode: mode?,
         upstream: upstream?,
-        client_keepalive: l.client_keepalive.unwrap_or(true),
-        access_log: l.access_log.unwrap_or(false),
+        client_keepalive,
+        access_log,
         header_timeout,
         max_clients,
         max_header_bytes,
+        request_buffer_bytes,
+        body_timeout,
     })
 }

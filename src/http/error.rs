@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use super::body::ClientBodyError;
 use crate::upstream::conn::ConnectError;
 use crate::upstream::pool::PoolError;
 
@@ -30,10 +31,29 @@ pub enum ProxyError {
         endpoint: std::net::SocketAddr,
         timeout: Duration,
     },
+    #[error("{endpoint} took no request bytes for {}", humantime::format_duration(*timeout))]
+    UpstreamStall {
+        endpoint: std::net::SocketAddr,
+        timeout: Duration,
+    },
     #[error("no endpoint address is resolved")]
     NoEndpoint,
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The client's body failed while being read or forwarded.
+    #[error(transparent)]
+    ClientBody(#[from] ClientBodyError),
+    /// RFC 9112 §6.1: a transfer coding loopmux does not implement.
+    #[error("transfer coding `{0}` is not implemented by loopmux")]
+    RequestCoding(String),
+    /// Forwarding it without its label would change the bytes' meaning.
+    #[error(
+        "{endpoint} answered with transfer coding `{coding}`, which loopmux does not implement"
+    )]
+    ResponseCoding {
+        endpoint: std::net::SocketAddr,
+        coding: String,
+    },
     #[error("{0} is not supported by an http listener")]
     MethodNotAllowed(http::Method),
 }
@@ -45,8 +65,15 @@ impl ProxyError {
             ProxyError::Connect(_) | ProxyError::Upstream { .. } | ProxyError::NoEndpoint => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Timeout { .. } | ProxyError::UpstreamStall { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(ClientBodyError::Read(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::ClientBody(ClientBodyError::Stalled(_)) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RequestCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ResponseCoding { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -68,6 +95,12 @@ impl ProxyError {
         );
         resp.headers_mut()
             .insert("x-loopmux-error", HeaderValue::from_static(self.kind()));
+        if let ProxyError::ClientBody(_) = self {
+            // The rest of the body is unread or unreadable: the connection
+            // cannot carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 
@@ -85,8 +118,15 @@ impl ProxyError {
             ProxyError::Connect(_) => "connect",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::UpstreamStall { .. } => "upstream-stall",
             ProxyError::NoEndpoint => "no-endpoint",
-            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(ClientBodyError::Read(_)) => {
+                "bad-request"
+            }
+            ProxyError::ClientBody(ClientBodyError::Stalled(_)) => "client-stall",
+            ProxyError::RequestCoding(_) | ProxyError::ResponseCoding { .. } => {
+                "unsupported-coding"
+            }
             ProxyError::MethodNotAllowed(_) => "method",
         }
     }

@@ -1,20 +1,21 @@
 //! The `http` mode's request path: one client request in, one upstream
 //! request out over a pooled connection, response streamed back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use http::header::HeaderValue;
-use http::{Method, Request, Response, Uri, Version};
-use http_body::Body as _;
-use http_body_util::{Either, Empty};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
+use super::body::{ClientBodyError, ReqBody, RespStream, Upload};
 use super::error::ProxyError;
 use super::headers;
-use super::{AccessRecord, Metered, RespBody};
-use crate::config::HostHeader;
-use crate::upstream::conn::{self, ReqBody};
+use super::{AccessRecord, RespBody};
+use crate::config::{HostHeader, ListenerConfig};
+use crate::upstream::conn;
 use crate::upstream::pool::Acquired;
 use crate::upstream::Upstream;
 
@@ -26,6 +27,18 @@ pub struct Proxy {
     upstream: RwLock<Arc<Upstream>>,
     stats: crate::metrics::ListenerStats,
     access_log: AtomicBool,
+    /// Listener settings a reload may change.
+    request_buffer_bytes: AtomicUsize,
+    body_timeout_ms: AtomicU64,
+}
+
+/// A response on its way back, and what the access log wants to know.
+struct Forwarded {
+    parts: http::response::Parts,
+    body: Incoming,
+    reused: bool,
+    /// The length the client is promised, when the response has a body.
+    promised: Option<u64>,
 }
 
 /// RFC 9110 §9.2.2: safe to repeat.
@@ -38,16 +51,17 @@ fn idempotent(m: &Method) -> bool {
 
 impl Proxy {
     pub fn new(
-        listener: Arc<str>,
+        lc: &ListenerConfig,
         upstream: Arc<Upstream>,
         stats: crate::metrics::ListenerStats,
-        access_log: bool,
     ) -> Self {
         Proxy {
-            listener,
+            listener: lc.name.as_str().into(),
             upstream: RwLock::new(upstream),
             stats,
-            access_log: AtomicBool::new(access_log),
+            access_log: AtomicBool::new(lc.access_log),
+            request_buffer_bytes: AtomicUsize::new(lc.request_buffer_bytes),
+            body_timeout_ms: AtomicU64::new(lc.body_timeout.as_millis() as u64),
         }
     }
 
@@ -59,11 +73,57 @@ impl Proxy {
             .clone()
     }
 
-    /// Reload: new requests (also on open client connections) go to `up`;
-    /// requests in flight finish on the old one.
-    pub fn set_upstream(&self, up: Arc<Upstream>, access_log: bool) {
+    /// Reload: new requests (also on open client connections) go to `up`
+    /// under `lc`'s settings; requests in flight finish as they started.
+    pub fn reconfigure(&self, up: Arc<Upstream>, lc: &ListenerConfig) {
         *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = up;
-        self.access_log.store(access_log, Ordering::Relaxed);
+        self.access_log.store(lc.access_log, Ordering::Relaxed);
+        self.request_buffer_bytes
+            .store(lc.request_buffer_bytes, Ordering::Relaxed);
+        self.body_timeout_ms
+            .store(lc.body_timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// A client connection ended with an error. The answers hyper writes
+    /// itself (400/414/431 for heads it cannot parse) are counted and
+    /// logged like loopmux's own; a client that stopped reading is a stall.
+    pub fn connection_error(&self, e: &hyper::Error) {
+        if crate::stall::is_stall(e) {
+            self.stats.client_stalls.inc();
+            tracing::warn!(listener = %self.listener, error = %e, "client took no response bytes for body_timeout: connection closed");
+            return;
+        }
+        let status = if e.is_parse_too_large() {
+            if e.to_string().starts_with("URI too long") {
+                StatusCode::URI_TOO_LONG
+            } else {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+        } else if e.is_parse() && !e.to_string().contains("HTTP2 preface") {
+            StatusCode::BAD_REQUEST
+        } else {
+            tracing::debug!(listener = %self.listener, error = %e, "client connection ended with an error");
+            return;
+        };
+        self.stats.record(status.as_u16(), 0.0);
+        tracing::debug!(listener = %self.listener, status = status.as_u16(), error = %e, "unparseable request head answered by hyper");
+        if self.access_log.load(Ordering::Relaxed) {
+            tracing::info!(
+                target: "loopmux::access",
+                listener = %self.listener,
+                status = status.as_u16(),
+                bytes = 0u64,
+                complete = true,
+                cut = "",
+                error = %e,
+                upstream_conn = "none",
+                "access"
+            );
+        }
     }
 
     /// Never fails: every error becomes a response.
@@ -76,10 +136,10 @@ impl Proxy {
             .access_log
             .load(Ordering::Relaxed)
             .then(|| req.uri().path().to_string());
-        let resp = match self.forward(&up, req).await {
-            Ok((parts, body, reused)) => {
-                let status = parts.status.as_u16();
-                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused, elapsed_us = started.elapsed().as_micros() as u64, "request");
+        let resp = match self.forward(&up, req, &method).await {
+            Ok(f) => {
+                let status = f.parts.status.as_u16();
+                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused = f.reused, elapsed_us = started.elapsed().as_micros() as u64, "request");
                 let record = path.map(|path| {
                     Box::new(AccessRecord {
                         listener: self.listener.clone(),
@@ -87,13 +147,31 @@ impl Proxy {
                         method: method.clone(),
                         path,
                         status,
-                        reused: Some(reused),
+                        reused: Some(f.reused),
                         started,
                     })
                 });
-                Response::from_parts(parts, Either::Left(Metered::new(body, record)))
+                let body = RespStream::new(
+                    f.body,
+                    f.promised,
+                    up.cfg.body_timeout,
+                    self.stats.upstream_stalls.clone(),
+                    record,
+                );
+                Response::from_parts(f.parts, Either::Left(body))
             }
             Err(e) => {
+                match &e {
+                    ProxyError::ClientBody(ClientBodyError::Stalled(_)) => {
+                        self.stats.client_stalls.inc();
+                        tracing::warn!(listener = %self.listener, error = %e, "client stalled its upload");
+                    }
+                    ProxyError::UpstreamStall { .. } => {
+                        self.stats.upstream_stalls.inc();
+                        tracing::warn!(listener = %self.listener, upstream = %up.cfg.name, error = %e, "upstream stalled reading the request");
+                    }
+                    _ => {}
+                }
                 tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
                 let resp = e.into_response(&up.cfg.name);
                 if let Some(path) = path {
@@ -107,7 +185,7 @@ impl Proxy {
                         reused: None,
                         started,
                     }
-                    .emit(len, true);
+                    .emit(len, None);
                 }
                 resp
             }
@@ -117,27 +195,18 @@ impl Proxy {
         resp
     }
 
-    /// The upstream's response head and streaming body, and whether the
-    /// connection was reused.
-    async fn forward(
-        &self,
-        up: &Upstream,
-        req: Request<Incoming>,
-    ) -> Result<(http::response::Parts, Incoming, bool), ProxyError> {
-        let (mut parts, body) = req.into_parts();
+    /// Checks and normalizes the request head for the upstream.
+    fn prepare(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
         }
+        if let Some(coding) = headers::unsupported_coding(&parts.headers) {
+            return Err(ProxyError::RequestCoding(coding));
+        }
+        headers::check_host(parts).map_err(ProxyError::BadRequest)?;
         // Absolute-form targets (`GET http://host/path`) are sent on in
-        // origin-form; their authority becomes the Host if none is given.
+        // origin-form; `check_host` made their authority the Host.
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            if let Some(auth) = parts.uri.authority() {
-                if !parts.headers.contains_key(http::header::HOST) {
-                    if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                        parts.headers.insert(http::header::HOST, v);
-                    }
-                }
-            }
             let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
             parts.uri = Uri::try_from(pq)
                 .map_err(|_| ProxyError::BadRequest("request target is not a valid URI"))?;
@@ -145,9 +214,29 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::strip_expect(&mut parts.headers);
         parts.version = Version::HTTP_11;
+        Ok(())
+    }
 
-        let replayable = idempotent(&parts.method) && body.is_end_stream();
-        let mut req = Some(Request::from_parts(parts, Either::Left(body)));
+    /// The upstream's response head and streaming body.
+    async fn forward(
+        &self,
+        up: &Upstream,
+        req: Request<Incoming>,
+        method: &Method,
+    ) -> Result<Forwarded, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        Self::prepare(&mut parts)?;
+        // A small body is read whole first: a slow or broken upload then
+        // holds no pooled connection (invariant 7).
+        let body = ReqBody::read(
+            body,
+            self.request_buffer_bytes.load(Ordering::Relaxed),
+            self.body_timeout(),
+        )
+        .await?;
+        let watch = body.watch();
+        let replayable = idempotent(method);
+        let mut req = Some(Request::from_parts(parts, body));
         let mut fresh = false;
         // Nothing was sent when a dial fails, so another endpoint may be
         // tried; the failed one is in back-off and will not be picked again.
@@ -167,23 +256,26 @@ impl Proxy {
                 source,
             })? {
                 Acquired::Reused(c) => c,
-                Acquired::Dial(slot) => match conn::open(&ep, &up.dialer, slot).await {
-                    Ok(c) => {
-                        up.mark_ok(&ep);
-                        c
-                    }
-                    Err(e) => {
-                        up.mark_failed(&ep);
-                        let left = dial_retries
-                            .get_or_insert_with(|| up.endpoints().len().saturating_sub(1).min(2));
-                        if *left > 0 {
-                            *left -= 1;
-                            tracing::debug!(endpoint = %ep.addr, error = %e, "dial failed; trying another endpoint");
-                            continue;
+                Acquired::Dial(slot) => {
+                    match conn::open(&ep, &up.dialer, slot, up.cfg.body_timeout).await {
+                        Ok(c) => {
+                            up.mark_ok(&ep);
+                            c
                         }
-                        return Err(e.into());
+                        Err(e) => {
+                            up.mark_failed(&ep);
+                            let left = dial_retries.get_or_insert_with(|| {
+                                up.endpoints().len().saturating_sub(1).min(2)
+                            });
+                            if *left > 0 {
+                                *left -= 1;
+                                tracing::debug!(endpoint = %ep.addr, error = %e, "dial failed; trying another endpoint");
+                                continue;
+                            }
+                            return Err(e.into());
+                        }
                     }
-                },
+                }
             };
             let mut r = req.take().expect("a request is present at each attempt");
             let fixed = match &up.cfg.host_header {
@@ -195,22 +287,54 @@ impl Proxy {
             });
             let reused = conn.is_reused();
             let local = conn.local;
-            // A copy of the head, only when this attempt may be replayed:
-            // a bodiless idempotent request on a reused connection.
-            let replay = (reused && !fresh && replayable)
-                .then(|| (r.method().clone(), r.uri().clone(), r.headers().clone()));
-            let sent =
-                tokio::time::timeout(up.cfg.request_timeout, conn.send.try_send_request(r)).await;
+            // A copy, only when this attempt may be replayed: an idempotent
+            // request with its body in memory, on a reused connection.
+            let replay = if reused && !fresh && replayable {
+                r.body().try_clone().map(|b| {
+                    let mut again = Request::new(b);
+                    *again.method_mut() = r.method().clone();
+                    *again.uri_mut() = r.uri().clone();
+                    *again.headers_mut() = r.headers().clone();
+                    again
+                })
+            } else {
+                None
+            };
+            let timeout = up.cfg.request_timeout;
+            let send = conn.send.try_send_request(r);
+            // `request_timeout` runs from the request fully sent to the
+            // response head: a long upload that keeps moving is not late
+            // (its stalls are `body_timeout`'s business).
+            let sent = match &watch {
+                None => tokio::time::timeout(timeout, send).await,
+                Some(w) => {
+                    tokio::pin!(send);
+                    tokio::select! {
+                        biased;
+                        r = &mut send => Ok(r),
+                        _ = w.finished() => tokio::time::timeout(timeout, send).await,
+                    }
+                }
+            };
             match sent {
                 Err(_) => {
                     // hyper closes a connection whose request future is dropped.
                     conn.discard();
                     return Err(ProxyError::Timeout {
                         endpoint: ep.addr,
-                        timeout: up.cfg.request_timeout,
+                        timeout,
                     });
                 }
                 Ok(Ok(resp)) => {
+                    let (mut parts, body) = resp.into_parts();
+                    if let Some(coding) = headers::unsupported_coding(&parts.headers) {
+                        drop(body);
+                        conn.discard();
+                        return Err(ProxyError::ResponseCoding {
+                            endpoint: ep.addr,
+                            coding,
+                        });
+                    }
                     // The connection is busy until hyper has read the whole
                     // response body; it goes back to the pool when ready.
                     tokio::spawn(async move {
@@ -219,28 +343,47 @@ impl Proxy {
                             conn.discard();
                         }
                     });
-                    let (mut parts, body) = resp.into_parts();
+                    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                        // RFC 9112 §6.3: the chunking frames the body; a
+                        // Content-Length beside it is wrong and would make
+                        // the client cut the body short.
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
                     headers::strip_hop_by_hop(&mut parts.headers);
                     // Our side speaks 1.1 (hyper answers 1.0 clients in 1.0).
                     parts.version = Version::HTTP_11;
-                    return Ok((parts, body, reused));
+                    let promised = promised_length(method, parts.status, &parts.headers);
+                    return Ok(Forwarded {
+                        parts,
+                        body,
+                        reused,
+                        promised,
+                    });
                 }
                 Ok(Err(mut e)) => {
                     conn.discard();
+                    // The client's fault, whatever hyper saw of it.
+                    match watch.as_ref().map(|w| w.upload()) {
+                        Some(Upload::ClientStalled) => {
+                            return Err(ClientBodyError::Stalled(self.body_timeout()).into())
+                        }
+                        Some(Upload::ClientError) => {
+                            return Err(ProxyError::BadRequest(
+                                "malformed or incomplete request body",
+                            ))
+                        }
+                        _ => {}
+                    }
+                    if crate::stall::is_stall(e.error()) {
+                        return Err(ProxyError::UpstreamStall {
+                            endpoint: ep.addr,
+                            timeout: up.cfg.body_timeout,
+                        });
+                    }
                     if reused && !fresh {
                         // Not written at all: always safe to send again.
-                        // Possibly written: only the copy of an idempotent,
-                        // bodiless request (`replay`).
-                        let again = e.take_message().or_else(|| {
-                            replay.map(|(m, u, h)| {
-                                let mut again = Request::new(ReqBody::Right(Empty::new()));
-                                *again.method_mut() = m;
-                                *again.uri_mut() = u;
-                                *again.headers_mut() = h;
-                                again
-                            })
-                        });
-                        if let Some(again) = again {
+                        // Possibly written: only the copy (`replay`).
+                        if let Some(again) = e.take_message().or(replay) {
                             tracing::debug!(endpoint = %ep.addr, error = %e.error(), "reused connection failed; retrying once on a fresh one");
                             req = Some(again);
                             fresh = true;
@@ -258,4 +401,22 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The body length a response promises the client: its Content-Length,
+/// unless the response has no body (HEAD, 1xx, 204, 304).
+fn promised_length(method: &Method, status: StatusCode, h: &http::HeaderMap) -> Option<u64> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return None;
+    }
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -4,9 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
@@ -14,9 +11,8 @@ use super::dialer::{DialError, Dialer};
 use super::pool::{Pooled, Reusable, Slot};
 use super::Endpoint;
 
-/// What goes upstream: the client's streaming body, or nothing (a replayed
-/// request whose body was empty).
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+pub use crate::http::body::ReqBody;
+use crate::stall::StallIo;
 
 pub struct H1Conn {
     pub send: SendRequest<ReqBody>,
@@ -51,6 +47,7 @@ pub async fn open(
     ep: &Endpoint,
     dialer: &Arc<Dialer>,
     slot: Slot<H1Conn>,
+    body_timeout: std::time::Duration,
 ) -> Result<Pooled<H1Conn>, ConnectError> {
     let dialed = match dialer.dial(ep.addr).await {
         Ok(d) => d,
@@ -64,7 +61,9 @@ pub async fn open(
     let lease = dialer.lease(dialed.source);
     let local = dialed.local;
     let (send, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(dialed.stream))
+        // An upstream that stops taking our request bytes fails the write
+        // after `body_timeout` instead of holding the connection forever.
+        .handshake(TokioIo::new(StallIo::new(dialed.stream, body_timeout)))
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: ep.addr,

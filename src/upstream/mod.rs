@@ -10,7 +10,7 @@ pub mod pool;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
@@ -79,6 +79,9 @@ pub struct Upstream {
     epoch: Instant,
     /// Requests sent a second time (see the retry rules in `http::proxy`).
     pub retries: AtomicU64,
+    /// Set when a reload handed this upstream's pools to its successor: its
+    /// DNS refresh stops, so only one owner ever swaps or retires them.
+    superseded: AtomicBool,
 }
 
 impl Upstream {
@@ -86,19 +89,59 @@ impl Upstream {
     /// DNS names, the refresh task. A name that does not resolve now is
     /// logged and retried every `dns_refresh`.
     pub async fn start(cfg: UpstreamConfig) -> Arc<Self> {
-        let dialer = Arc::new(Dialer::new(
-            &cfg.source_addresses,
-            cfg.connect_timeout,
-            cfg.failure_backoff,
-        ));
+        Self::start_after(cfg, None).await
+    }
+
+    /// Whether a reload from `self` to `cfg` can keep the pools (and their
+    /// connections). Only what changes the connections themselves (today:
+    /// the protocol) needs new ones; the cap, the timeouts, the endpoints
+    /// list and the source addresses are applied in place, so that two
+    /// pools never hold connections to one endpoint at once (invariant 8).
+    pub fn can_reconfigure(&self, cfg: &UpstreamConfig) -> bool {
+        self.cfg.name == cfg.name && self.cfg.protocol == cfg.protocol
+    }
+
+    /// Starts `cfg`; with `previous` (see [`can_reconfigure`]) it takes over
+    /// its endpoints and pools, reconfigured in place, and `previous` stops
+    /// refreshing. Requests in flight on `previous` finish under its
+    /// settings.
+    ///
+    /// [`can_reconfigure`]: Self::can_reconfigure
+    pub async fn start_after(cfg: UpstreamConfig, previous: Option<&Upstream>) -> Arc<Self> {
+        let dialer = match previous {
+            Some(p)
+                if p.cfg.source_addresses == cfg.source_addresses
+                    && p.cfg.connect_timeout == cfg.connect_timeout
+                    && p.cfg.failure_backoff == cfg.failure_backoff =>
+            {
+                p.dialer.clone()
+            }
+            _ => Arc::new(Dialer::new(
+                &cfg.source_addresses,
+                cfg.connect_timeout,
+                cfg.failure_backoff,
+            )),
+        };
+        let inherited = match previous {
+            Some(p) => {
+                p.superseded.store(true, Ordering::Relaxed);
+                p.endpoints()
+            }
+            None => Arc::new(Vec::new()),
+        };
         let up = Arc::new(Upstream {
             dialer,
-            endpoints: RwLock::new(Arc::new(Vec::new())),
+            endpoints: RwLock::new(inherited.clone()),
             rr: AtomicUsize::new(0),
             epoch: Instant::now(),
             retries: AtomicU64::new(0),
+            superseded: AtomicBool::new(false),
             cfg,
         });
+        let pool_cfg = up.pool_config();
+        for ep in inherited.iter() {
+            ep.pool.reconfigure(pool_cfg);
+        }
         up.refresh().await;
         if up
             .cfg
@@ -240,6 +283,9 @@ async fn refresh_loop(weak: Weak<Upstream>, period: std::time::Duration) {
     loop {
         tick.tick().await;
         let Some(up) = weak.upgrade() else { return };
+        if up.superseded.load(Ordering::Relaxed) {
+            return;
+        }
         up.refresh().await;
     }
 }

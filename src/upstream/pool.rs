@@ -79,6 +79,10 @@ enum Grant<T: Reusable> {
 }
 
 struct State<T: Reusable> {
+    /// Under the lock so that a reload can change the cap and timeouts in
+    /// place (DESIGN invariant 8) without a second pool to the endpoint.
+    cfg: PoolConfig,
+    /// Oldest first: checkout takes from the end (most recently used).
     idle: Vec<Idle<T>>,
     open: usize,
     waiters: VecDeque<oneshot::Sender<Grant<T>>>,
@@ -87,7 +91,6 @@ struct State<T: Reusable> {
 }
 
 struct Inner<T: Reusable> {
-    cfg: PoolConfig,
     state: Mutex<State<T>>,
     stats: PoolStats,
 }
@@ -132,6 +135,18 @@ pub enum Acquired<T: Reusable> {
     Dial(Slot<T>),
 }
 
+impl<T: Reusable> State<T> {
+    fn expired(&self, e: &Entry<T>, now: Instant) -> bool {
+        now.duration_since(e.created) >= self.cfg.max_lifetime
+    }
+
+    fn is_stale(&self, idle: &Idle<T>, now: Instant) -> bool {
+        now.duration_since(idle.since) >= self.cfg.idle_timeout
+            || self.expired(&idle.entry, now)
+            || !idle.entry.conn.is_usable()
+    }
+}
+
 impl<T: Reusable> Inner<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // A panic while holding this lock would be a bug in this module;
@@ -139,14 +154,14 @@ impl<T: Reusable> Inner<T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn expired(&self, e: &Entry<T>, now: Instant) -> bool {
-        now.duration_since(e.created) >= self.cfg.max_lifetime
-    }
-
     /// Gives a freed place (a slot) to the first live waiter, or forgets it.
-    /// Called with the lock held; sending never runs user code.
+    /// Called with the lock held; sending never runs user code. After a
+    /// reload lowered the cap, places are forgotten until `open` is below it.
     fn release_slot(self: &Arc<Self>, st: &mut State<T>) {
         st.open -= 1;
+        if st.open >= st.cfg.max_connections {
+            return;
+        }
         while let Some(tx) = st.waiters.pop_front() {
             st.open += 1;
             st.next_id += 1;
@@ -168,6 +183,10 @@ impl<T: Reusable> Inner<T> {
 
     /// Returns a usable connection: to the first live waiter, else to idle.
     fn put_back(self: &Arc<Self>, st: &mut State<T>, mut entry: Entry<T>) -> Option<Entry<T>> {
+        // Over a cap lowered by a reload: close, so the count comes down.
+        if st.retired || st.open > st.cfg.max_connections {
+            return Some(entry);
+        }
         while let Some(tx) = st.waiters.pop_front() {
             let p = Pooled {
                 inner: self.clone(),
@@ -183,9 +202,6 @@ impl<T: Reusable> Inner<T> {
                 Err(Grant::Slot(_)) => unreachable!("sent a connection"),
             }
         }
-        if st.retired {
-            return Some(entry);
-        }
         st.idle.push(Idle {
             entry,
             since: Instant::now(),
@@ -198,8 +214,8 @@ impl<T: Reusable> Pool<T> {
     pub fn new(cfg: PoolConfig) -> Self {
         Pool {
             inner: Arc::new(Inner {
-                cfg,
                 state: Mutex::new(State {
+                    cfg,
                     idle: Vec::new(),
                     open: 0,
                     waiters: VecDeque::new(),
@@ -248,18 +264,13 @@ impl<T: Reusable> Pool<T> {
 
     async fn checkout_inner(&self, fresh: bool) -> Result<Acquired<T>, PoolError> {
         let inner = &self.inner;
-        let rx = {
+        let (rx, queue_timeout) = {
             let now = Instant::now();
             let mut st = inner.lock();
             let mut doomed = Vec::new();
-            if fresh {
-                doomed.append(&mut st.idle);
-            } else {
+            if !fresh {
                 while let Some(idle) = st.idle.pop() {
-                    let stale = now.duration_since(idle.since) >= inner.cfg.idle_timeout
-                        || inner.expired(&idle.entry, now)
-                        || !idle.entry.conn.is_usable();
-                    if stale {
+                    if st.is_stale(&idle, now) {
                         doomed.push(idle);
                         continue;
                     }
@@ -272,16 +283,20 @@ impl<T: Reusable> Pool<T> {
                         discard: false,
                     }));
                 }
+            } else if st.open >= st.cfg.max_connections && !st.idle.is_empty() {
+                // At the cap, close one idle connection (the least recently
+                // used) to make room; the others stay open (invariant 2).
+                doomed.push(st.idle.remove(0));
             }
             // Each doomed connection frees its place; it becomes our slot
             // (or a waiter's) below.
             st.open -= doomed.len();
-            if st.open < inner.cfg.max_connections {
+            if st.open < st.cfg.max_connections {
                 st.open += 1;
                 st.next_id += 1;
                 let id = st.next_id;
                 // Places freed beyond ours go to waiters.
-                while st.open < inner.cfg.max_connections && !st.waiters.is_empty() {
+                while st.open < st.cfg.max_connections && !st.waiters.is_empty() {
                     st.open += 1;
                     inner.release_slot(&mut st);
                 }
@@ -292,29 +307,57 @@ impl<T: Reusable> Pool<T> {
                     id,
                 }));
             }
-            if st.waiters.len() >= inner.cfg.max_pending {
+            if st.waiters.len() >= st.cfg.max_pending {
                 st.waiters.retain(|w| !w.is_closed());
-                if st.waiters.len() >= inner.cfg.max_pending {
+                if st.waiters.len() >= st.cfg.max_pending {
                     inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                     return Err(PoolError::QueueFull(st.waiters.len()));
                 }
             }
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(tx);
+            let queue_timeout = st.cfg.queue_timeout;
             drop(st);
             drop(doomed);
-            rx
+            (rx, queue_timeout)
         };
-        match tokio::time::timeout(inner.cfg.queue_timeout, rx).await {
+        match tokio::time::timeout(queue_timeout, rx).await {
             Ok(Ok(Grant::Conn(p))) => Ok(Acquired::Reused(p)),
             Ok(Ok(Grant::Slot(s))) => Ok(Acquired::Dial(s)),
             // The sender is only dropped by `retire` draining waiters, or
             // with the pool; either way no place became free in time.
             Ok(Err(_)) | Err(_) => {
                 inner.stats.queue_timeout.fetch_add(1, Ordering::Relaxed);
-                Err(PoolError::QueueTimeout(inner.cfg.queue_timeout))
+                Err(PoolError::QueueTimeout(queue_timeout))
             }
         }
+    }
+
+    /// Applies a reloaded config in place: the pool keeps its connections.
+    /// A lower cap closes idle connections at once and busy ones as they
+    /// come back, until `open` is within it; no new place is given out
+    /// before then. A higher cap gives the new places to waiters now.
+    pub fn reconfigure(&self, cfg: PoolConfig) {
+        let inner = &self.inner;
+        let doomed: Vec<Idle<T>> = {
+            let mut st = inner.lock();
+            st.cfg = cfg;
+            let mut doomed = Vec::new();
+            while st.open > st.cfg.max_connections && !st.idle.is_empty() {
+                doomed.push(st.idle.remove(0));
+                st.open -= 1;
+            }
+            while st.open < st.cfg.max_connections && !st.waiters.is_empty() {
+                st.open += 1;
+                inner.release_slot(&mut st);
+            }
+            doomed
+        };
+        drop(doomed);
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.inner.lock().cfg
     }
 
     /// Closes idle connections past `idle_timeout` or `max_lifetime`, or
@@ -327,11 +370,7 @@ impl<T: Reusable> Pool<T> {
             let mut doomed = Vec::new();
             let mut i = 0;
             while i < st.idle.len() {
-                let idle = &st.idle[i];
-                if now.duration_since(idle.since) >= inner.cfg.idle_timeout
-                    || inner.expired(&idle.entry, now)
-                    || !idle.entry.conn.is_usable()
-                {
+                if st.is_stale(&st.idle[i], now) {
                     doomed.push(st.idle.remove(i));
                 } else {
                     i += 1;
@@ -359,17 +398,19 @@ impl<T: Reusable> Pool<T> {
         drop(doomed);
     }
 
-    /// Spawns a task that reaps this pool until the pool is dropped.
+    /// Spawns a task that reaps this pool until the pool is dropped. The
+    /// period follows the current config (a reload may change it).
     pub fn spawn_reaper(&self) {
         let weak = Arc::downgrade(&self.inner);
-        let cfg = self.inner.cfg;
-        let period = (cfg.idle_timeout.min(cfg.max_lifetime) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let period = {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let cfg = inner.lock().cfg;
+                    (cfg.idle_timeout.min(cfg.max_lifetime) / 4)
+                        .clamp(Duration::from_millis(50), Duration::from_secs(5))
+                };
+                tokio::time::sleep(period).await;
                 let Some(inner) = weak.upgrade() else { return };
                 Pool { inner }.reap();
             }
@@ -467,12 +508,11 @@ impl<T: Reusable> Drop for Pooled<T> {
         let Some(entry) = self.entry.take() else {
             return;
         };
-        let keep =
-            !self.discard && entry.conn.is_usable() && !self.inner.expired(&entry, Instant::now());
+        let usable = !self.discard && entry.conn.is_usable();
         let inner = &self.inner;
         let _closed = {
             let mut st = inner.lock();
-            if keep {
+            if usable && !st.expired(&entry, Instant::now()) {
                 let back = inner.put_back(&mut st, entry);
                 if back.is_some() {
                     inner.release_slot(&mut st);
@@ -649,6 +689,79 @@ mod tests {
         let pool = Pool::new(cfg(1, 10));
         drop(get(&pool).await);
         assert!(matches!(pool.checkout_fresh().await, Ok(Acquired::Dial(_))));
+    }
+
+    #[tokio::test]
+    async fn fresh_checkout_below_the_cap_keeps_idle_connections() {
+        let pool = Pool::new(cfg(4, 10));
+        let a = get(&pool).await;
+        let b = get(&pool).await;
+        drop(a);
+        drop(b);
+        assert!(matches!(pool.checkout_fresh().await, Ok(Acquired::Dial(_))));
+        let s = pool.snapshot();
+        assert_eq!((s.open, s.idle), (2, 2), "no idle connection was closed");
+    }
+
+    #[tokio::test]
+    async fn fresh_checkout_at_the_cap_closes_only_one_idle() {
+        let pool = Pool::new(cfg(3, 10));
+        let conns = [get(&pool).await, get(&pool).await, get(&pool).await];
+        let first = conns[0].id();
+        drop(conns);
+        let Ok(Acquired::Dial(slot)) = pool.checkout_fresh().await else {
+            panic!("a slot")
+        };
+        let s = pool.snapshot();
+        assert_eq!((s.open, s.idle), (3, 2), "one idle closed to make room");
+        drop(slot);
+        // The least recently used one went; the other two remain.
+        let ids: Vec<u64> = pool.inner.lock().idle.iter().map(|i| i.entry.id).collect();
+        assert!(!ids.contains(&first), "{ids:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lowering_the_cap_closes_idle_and_returning_connections() {
+        let pool = Pool::new(cfg(4, 10));
+        let busy = [get(&pool).await, get(&pool).await];
+        drop([get(&pool).await, get(&pool).await]);
+        assert_eq!(pool.snapshot().open, 4);
+        pool.reconfigure(cfg(1, 10));
+        assert_eq!(
+            pool.snapshot(),
+            PoolSnapshot {
+                open: 2,
+                idle: 0,
+                waiting: 0
+            }
+        );
+        // No place is given out while over the cap.
+        assert!(pool.checkout().await.is_err());
+        let [a, b] = busy;
+        drop(a);
+        assert_eq!(pool.snapshot().open, 1, "returned over the cap: closed");
+        drop(b);
+        assert_eq!(
+            pool.snapshot(),
+            PoolSnapshot {
+                open: 1,
+                idle: 1,
+                waiting: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn raising_the_cap_serves_waiters() {
+        let pool = Pool::new(cfg(1, 10));
+        let _a = get(&pool).await;
+        let p2 = pool.clone();
+        let waiter =
+            tokio::spawn(async move { matches!(p2.checkout().await, Ok(Acquired::Dial(_))) });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.snapshot().waiting, 1);
+        pool.reconfigure(cfg(2, 10));
+        assert!(waiter.await.unwrap());
     }
 
     #[tokio::test]

@@ -1,0 +1,458 @@
+//! Bodies on the request path, both ways.
+//!
+//! Requests: a small body is read whole before a pooled connection is
+//! taken, so a slow or malformed upload holds nothing (DESIGN invariant 7);
+//! a larger one streams, with a deadline on client progress and a
+//! [`Watch`] that tells the proxy when the upload ended and whose fault a
+//! failure was. Responses: [`RespStream`] streams the upstream's body and
+//! ends the client connection without a clean end when the bytes cannot
+//! match what the head promised (invariant 9).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+
+use super::AccessRecord;
+use crate::stall::Progress;
+
+/// Why the client's request body could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// Bad framing (a chunk size that is not hex, a missing CRLF) or a
+    /// client that went away mid-body.
+    #[error("malformed or incomplete request body: {0}")]
+    Read(#[source] hyper::Error),
+    #[error("client sent no body bytes for {}", humantime::format_duration(*.0))]
+    Stalled(Duration),
+}
+
+/// Where a streaming upload is; shared between the body (inside hyper's
+/// client) and the proxy (which times the response from the upload's end
+/// and blames the right side when the exchange fails).
+#[derive(Default)]
+pub struct Watch {
+    state: AtomicU8,
+    ended: Notify,
+}
+
+const RUNNING: u8 = 0;
+const ENDED: u8 = 1;
+const CLIENT_ERROR: u8 = 2;
+const CLIENT_STALL: u8 = 3;
+
+/// What a [`Watch`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    Running,
+    Ended,
+    ClientError,
+    ClientStalled,
+}
+
+impl Watch {
+    fn set(&self, state: u8) {
+        if self
+            .state
+            .compare_exchange(RUNNING, state, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // A stored permit: the proxy may start waiting after this.
+            self.ended.notify_one();
+        }
+    }
+
+    pub fn upload(&self) -> Upload {
+        match self.state.load(Ordering::Acquire) {
+            RUNNING => Upload::Running,
+            ENDED => Upload::Ended,
+            CLIENT_ERROR => Upload::ClientError,
+            _ => Upload::ClientStalled,
+        }
+    }
+
+    /// Resolves when the upload has ended, one way or another.
+    pub async fn finished(&self) {
+        if self.upload() == Upload::Running {
+            self.ended.notified().await;
+        }
+    }
+}
+
+/// A request body on its way upstream.
+pub struct ReqBody {
+    kind: ReqKind,
+}
+
+enum ReqKind {
+    Empty,
+    /// Read whole before the upstream connection was taken.
+    Full {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    Stream(Box<Streaming>),
+}
+
+struct Streaming {
+    /// What was read while deciding whether to buffer.
+    prefix: Option<Bytes>,
+    inner: Incoming,
+    progress: Progress,
+    watch: Arc<Watch>,
+}
+
+impl ReqBody {
+    pub fn empty() -> Self {
+        ReqBody {
+            kind: ReqKind::Empty,
+        }
+    }
+
+    /// A copy for a replay, when the body is in memory.
+    pub fn try_clone(&self) -> Option<ReqBody> {
+        let kind = match &self.kind {
+            ReqKind::Empty => ReqKind::Empty,
+            ReqKind::Full { data, trailers } => ReqKind::Full {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            },
+            ReqKind::Stream(_) => return None,
+        };
+        Some(ReqBody { kind })
+    }
+
+    /// The upload's watch, for a streaming body.
+    pub fn watch(&self) -> Option<Arc<Watch>> {
+        match &self.kind {
+            ReqKind::Stream(s) => Some(s.watch.clone()),
+            _ => None,
+        }
+    }
+
+    /// Reads up to `limit` bytes of `body`, each frame within `timeout`.
+    /// A body that ends within the limit comes back whole; a longer one
+    /// streams on, the bytes read so far first.
+    ///
+    /// # Errors
+    /// The client's fault: bad framing, an aborted body, or a stall.
+    pub async fn read(
+        mut body: Incoming,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<ReqBody, ClientBodyError> {
+        if body.is_end_stream() {
+            return Ok(ReqBody::empty());
+        }
+        let stream = |prefix: Option<Bytes>, inner: Incoming| ReqBody {
+            kind: ReqKind::Stream(Box::new(Streaming {
+                prefix,
+                inner,
+                progress: Progress::new(timeout),
+                watch: Arc::default(),
+            })),
+        };
+        if limit == 0 || body.size_hint().lower() > limit as u64 {
+            return Ok(stream(None, body));
+        }
+        let mut first: Option<Bytes> = None;
+        let mut more: Option<BytesMut> = None;
+        let mut len = 0usize;
+        let mut trailers = None;
+        loop {
+            let frame = match tokio::time::timeout(timeout, body.frame()).await {
+                Err(_) => return Err(ClientBodyError::Stalled(timeout)),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(ClientBodyError::Read(e)),
+                Ok(Some(Ok(f))) => f,
+            };
+            match frame.into_data() {
+                Ok(d) => {
+                    len += d.len();
+                    // One chunk needs no copy; more are joined once.
+                    match (&mut first, &mut more) {
+                        (None, _) => first = Some(d),
+                        (Some(f), None) => {
+                            let mut m = BytesMut::with_capacity((f.len() + d.len()).max(4096));
+                            m.extend_from_slice(f);
+                            m.extend_from_slice(&d);
+                            more = Some(m);
+                        }
+                        (Some(_), Some(m)) => m.extend_from_slice(&d),
+                    }
+                    if len > limit {
+                        let prefix = match more {
+                            Some(m) => m.freeze(),
+                            None => first.unwrap_or_default(),
+                        };
+                        return Ok(stream(Some(prefix), body));
+                    }
+                }
+                Err(f) => {
+                    if let Ok(t) = f.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+            if body.is_end_stream() {
+                break;
+            }
+        }
+        let data = match more {
+            Some(m) => Some(m.freeze()),
+            None => first,
+        };
+        Ok(ReqBody {
+            kind: ReqKind::Full { data, trailers },
+        })
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match &mut self.kind {
+            ReqKind::Empty => Poll::Ready(None),
+            ReqKind::Full { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            ReqKind::Stream(s) => s.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ReqKind::Empty => true,
+            ReqKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            ReqKind::Stream(s) => s.prefix.is_none() && s.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ReqKind::Empty => SizeHint::with_exact(0),
+            ReqKind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ReqKind::Stream(s) => {
+                let pre = s.prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = s.inner.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(inner.lower() + pre);
+                if let Some(u) = inner.upper() {
+                    h.set_upper(u + pre);
+                }
+                h
+            }
+        }
+    }
+}
+
+impl Streaming {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        if let Some(p) = self.prefix.take() {
+            self.progress.moved();
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                self.progress.moved();
+                if self.inner.is_end_stream() {
+                    self.watch.set(ENDED);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(None) => {
+                self.watch.set(ENDED);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.watch.set(CLIENT_ERROR);
+                Poll::Ready(Some(Err(ClientBodyError::Read(e))))
+            }
+            Poll::Pending => match self.progress.poll_stalled(cx) {
+                Poll::Ready(()) => {
+                    self.watch.set(CLIENT_STALL);
+                    Poll::Ready(Some(Err(ClientBodyError::Stalled(self.progress.timeout()))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Why a response body was cut short on its way to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum RespBodyError {
+    #[error("upstream body failed: {0}")]
+    Upstream(#[source] hyper::Error),
+    #[error("upstream sent no body bytes for {}", humantime::format_duration(*.0))]
+    Stalled(Duration),
+    #[error("upstream body ended after {got} of the {promised} bytes its Content-Length promised")]
+    Short { promised: u64, got: u64 },
+    #[error("upstream body is longer than the {promised} bytes its Content-Length promised")]
+    Long { promised: u64 },
+}
+
+impl RespBodyError {
+    fn reason(&self) -> &'static str {
+        match self {
+            RespBodyError::Upstream(_) => "upstream-error",
+            RespBodyError::Stalled(_) => "upstream-stall",
+            RespBodyError::Short { .. } => "upstream-short",
+            RespBodyError::Long { .. } => "upstream-long",
+        }
+    }
+}
+
+/// The upstream's response body, streamed through unchanged. It counts
+/// bytes against the promised length, ends the exchange when the upstream
+/// stalls, and writes the access-log line when it ends (or is dropped
+/// unfinished: the client went away).
+pub struct RespStream {
+    inner: Incoming,
+    bytes: u64,
+    /// The `Content-Length` sent to the client, when there is a body.
+    promised: Option<u64>,
+    progress: Progress,
+    stalls: prometheus_client::metrics::counter::Counter,
+    record: Option<Box<AccessRecord>>,
+    failed: bool,
+}
+
+impl RespStream {
+    pub fn new(
+        inner: Incoming,
+        promised: Option<u64>,
+        timeout: Duration,
+        stalls: prometheus_client::metrics::counter::Counter,
+        record: Option<Box<AccessRecord>>,
+    ) -> Self {
+        RespStream {
+            inner,
+            bytes: 0,
+            promised,
+            progress: Progress::new(timeout),
+            stalls,
+            record,
+            failed: false,
+        }
+    }
+
+    fn fail(&mut self, e: RespBodyError) -> Poll<Option<Result<Frame<Bytes>, RespBodyError>>> {
+        self.failed = true;
+        if let RespBodyError::Stalled(_) = e {
+            self.stalls.inc();
+        }
+        let record = self.record.take();
+        tracing::warn!(
+            listener = record.as_ref().map_or("", |r| &*r.listener),
+            upstream = record.as_ref().map_or("", |r| r.upstream.as_str()),
+            bytes = self.bytes,
+            error = %e,
+            "response cut: the client connection is closed without a clean end"
+        );
+        if let Some(r) = record {
+            r.emit(self.bytes, Some(e.reason()));
+        }
+        Poll::Ready(Some(Err(e)))
+    }
+
+    fn finish(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.emit(self.bytes, None);
+        }
+    }
+}
+
+impl Body for RespStream {
+    type Data = Bytes;
+    type Error = RespBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RespBodyError>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                    this.progress.moved();
+                    if let Some(promised) = this.promised {
+                        if this.bytes > promised {
+                            return this.fail(RespBodyError::Long { promised });
+                        }
+                    }
+                }
+                // hyper stops polling once a sized body says it has ended.
+                if this.inner.is_end_stream() {
+                    if let Some(promised) = this.promised.filter(|p| this.bytes < *p) {
+                        return this.fail(RespBodyError::Short {
+                            promised,
+                            got: this.bytes,
+                        });
+                    }
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(None) => {
+                if let Some(promised) = this.promised.filter(|p| this.bytes < *p) {
+                    return this.fail(RespBodyError::Short {
+                        promised,
+                        got: this.bytes,
+                    });
+                }
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(RespBodyError::Upstream(e)),
+            Poll::Pending => match this.progress.poll_stalled(cx) {
+                Poll::Ready(()) => {
+                    let t = this.progress.timeout();
+                    this.fail(RespBodyError::Stalled(t))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RespStream {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.emit(self.bytes, Some("client-gone"));
+        }
+    }
+}
