@@ -361,6 +361,12 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     std::thread::sleep(Duration::from_millis(300));
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
 
+    // An empty file would remove every listener: refused, nothing changes.
+    std::fs::write(&file, "").unwrap();
+    signal(&child, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+
     let port2 = free_port();
     std::fs::write(
         &file,
@@ -378,7 +384,15 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
         "{log}"
     );
     assert!(log.contains("the running config stays"), "{log}");
-    assert!(log.contains("config reloaded"), "{log}");
+    assert!(
+        log.contains("at least one [[listener]] is required"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("config reloaded").count(),
+        1,
+        "only the valid reload applied: {log}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -420,4 +434,90 @@ fn sigterm_drains_slow_requests_and_readyz_says_draining() {
     }
     assert!(wait_exit(&mut child).success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `check` output for `text` (exit code, stderr).
+fn check_text(name: &str, text: &str) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(format!("loopmux-strict-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = "[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:18080\"\nupstream = \"u\"\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"127.0.0.1:9000\"]\n";
+
+#[test]
+fn check_is_strict_and_complete() {
+    let cases: &[(&str, String, Option<i32>, &[&str])] = &[
+        (
+            "empty",
+            String::new(),
+            Some(64),
+            &["listener: at least one [[listener]] is required"],
+        ),
+        (
+            "port0",
+            GOOD.replace("127.0.0.1:9000", "127.0.0.1:0"),
+            Some(64),
+            &["upstream[0].endpoints[0]: port 0"],
+        ),
+        (
+            "unknown",
+            GOOD.replace("name = \"u\"\n", "name = \"u\"\nmax_conections = 4\n")
+                .replace("name = \"t\"\n", "name = \"t\"\nbnd = \"x\"\n"),
+            Some(64),
+            &[
+                "upstream[0].max_conections: unknown key",
+                "listener[0].bnd: unknown key",
+            ],
+        ),
+        (
+            "types",
+            GOOD.replace("name = \"u\"\n", "name = \"u\"\nmax_connections = \"8\"\n")
+                .replace(
+                    "name = \"t\"\n",
+                    "name = \"t\"\nclient_keepalive = \"no\"\n",
+                ),
+            Some(64),
+            &[
+                "upstream[0].max_connections: expected",
+                "listener[0].client_keepalive: expected",
+            ],
+        ),
+        (
+            "huge",
+            GOOD.replace(
+                "name = \"t\"\n",
+                "name = \"t\"\nmax_clients = 9223372036854775807\n",
+            ),
+            Some(64),
+            &["listener[0].max_clients"],
+        ),
+        (
+            "unresolved",
+            GOOD.replace("127.0.0.1:9000", "nonexistent.invalid:80"),
+            Some(0),
+            &["warning: upstream[0].endpoints[0]: `nonexistent.invalid:80`"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, text, code, wants) in cases {
+        let (got, err) = check_text(name, text);
+        if got != *code || !wants.iter().all(|w| err.contains(w)) {
+            failures.push(format!(
+                "{name}: exit {got:?} (want {code:?}), stderr: {err}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -12,6 +12,8 @@ use tokio::net::TcpStream;
 
 pub use loopmux::origin::Origin;
 
+pub mod raw_upstream;
+
 /// Starts loopmux from TOML; every `bind` should be `127.0.0.1:0`.
 pub async fn start(toml: &str) -> (App, SocketAddr) {
     let cfg = loopmux::config::load_str(toml, HashMap::new()).expect("test config is valid");
