@@ -25,6 +25,10 @@ pub struct SockEntry {
 
 fn parse_addr(hex: &str) -> Option<SocketAddr> {
     let (ip, port) = hex.split_once(':')?;
+    // Byte-indexed slicing below needs ASCII (fuzzing found the panic).
+    if !ip.is_ascii() {
+        return None;
+    }
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match ip.len() {
         // The kernel prints each 32-bit word in host (little-endian) order.
@@ -235,6 +239,14 @@ impl Sysctls {
     pub fn read(src: &ProcSource) -> Result<Sysctls, DiagnoseError> {
         let ipv4 = src.sys_dir.join("net/ipv4");
         let range_text = read(&ipv4.join("ip_local_port_range"))?;
+        Ok(Sysctls::parse(&range_text, |name| {
+            std::fs::read_to_string(ipv4.join(name)).ok()
+        }))
+    }
+
+    /// Pure: the port range's text and a reader for the optional files
+    /// (by name under `net/ipv4`). Anything unparseable is a default.
+    pub fn parse(range_text: &str, opt: impl Fn(&str) -> Option<String>) -> Sysctls {
         let mut it = range_text
             .split_whitespace()
             .filter_map(|v| v.parse::<u16>().ok());
@@ -242,12 +254,8 @@ impl Sysctls {
             (Some(a), Some(b)) => (a, b),
             _ => (32768, 60999),
         };
-        let opt = |name: &str| {
-            std::fs::read_to_string(ipv4.join(name))
-                .ok()
-                .map(|s| s.trim().to_string())
-        };
-        Ok(Sysctls {
+        let opt = |name: &str| opt(name).map(|s| s.trim().to_string());
+        Sysctls {
             ip_local_port_range,
             ip_local_reserved_ports: opt("ip_local_reserved_ports")
                 .map(|s| ranges(&s))
@@ -256,7 +264,7 @@ impl Sysctls {
             tcp_timestamps: opt("tcp_timestamps").and_then(|s| s.parse().ok()),
             tcp_fin_timeout: opt("tcp_fin_timeout").and_then(|s| s.parse().ok()),
             tcp_max_tw_buckets: opt("tcp_max_tw_buckets").and_then(|s| s.parse().ok()),
-        })
+        }
     }
 }
 
@@ -431,6 +439,17 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_ascii_address_is_skipped_not_a_panic() {
+        // 32 bytes, as an IPv6 address is, with a char across byte 8.
+        let t6 = format!(
+            "h\n 0: 000000000{}00:0050 {}:1F90 06\n",
+            "\u{fffd}".repeat(7),
+            "0".repeat(32)
+        );
+        assert!(parse_table(&t6).is_empty());
+    }
 
     #[test]
     fn parses_v4_and_v6_lines() {

@@ -1,0 +1,82 @@
+//! The request path: arbitrary bytes from a client into an in-process
+//! loopmux listener in front of an in-process upstream. No panic anywhere
+//! (a panic in any task aborts the process, so the fuzzer sees it), and
+//! every exchange ends: loopmux answers and/or closes the connection after
+//! the client has sent its bytes and half-closed.
+
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    _keep: Mutex<(loopmux::origin::Origin, loopmux::app::App)>,
+}
+
+static HARNESS: OnceLock<Harness> = OnceLock::new();
+
+fn harness() -> &'static Harness {
+    HARNESS.get_or_init(|| {
+        // tokio catches task panics; a fuzzer must not miss them.
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            prev(info);
+            std::process::abort();
+        }));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (origin, app, addr) = rt.block_on(async {
+            let origin = loopmux::origin::Origin::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .expect("origin");
+            let toml = format!(
+                "[[listener]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\nupstream = \"u\"\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"\nrequest_buffer_bytes = 1024\naccess_log = true\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\nmax_connections = 2\nqueue_timeout = \"1s\"\nrequest_timeout = \"2s\"\nbody_timeout = \"1s\"\n",
+                origin.addr
+            );
+            let cfg = loopmux::config::load_str(&toml, Default::default()).expect("config");
+            let bound = loopmux::app::bind_all(&cfg).expect("bind");
+            let app = loopmux::app::App::start(cfg, bound).await.expect("start");
+            let addr = app.local_addrs()[0];
+            (origin, app, addr)
+        });
+        Harness {
+            rt,
+            addr,
+            _keep: Mutex::new((origin, app)),
+        }
+    })
+}
+
+pub fn run(data: &[u8]) {
+    let h = harness();
+    h.rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(h.addr)
+            .await
+            .expect("loopmux accepts");
+        // loopmux may answer and close before reading everything.
+        let _ = s.write_all(data).await;
+        let _ = s.shutdown().await;
+        let mut buf = vec![0u8; 64 * 1024];
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        assert!(
+            matches!(ended, Ok(true)),
+            "exchange neither answered nor closed: {:?}",
+            String::from_utf8_lossy(&data[..data.len().min(200)])
+        );
+    });
+}
