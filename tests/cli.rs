@@ -273,6 +273,14 @@ fn json_logs_and_access_log() {
     let (file, port) = write_config(&dir, origin.addr, "access_log = true");
     let child = Child::run(&["--log-format", "json"], &file, &[("RUST_LOG", "info")]);
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
+    // A head hyper cannot parse: answered by hyper itself, logged as well.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let answer = rt.block_on(support::raw(
+        addr,
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        Duration::from_secs(5),
+    ));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let (status, log) = child.stop();
     assert!(status.success());
     let lines: Vec<serde_json::Value> = log
@@ -288,6 +296,12 @@ fn json_logs_and_access_log() {
     assert_eq!(access["bytes"], 3);
     assert_eq!(access["complete"], true);
     assert_eq!(access["upstream_conn"], "new");
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["target"] == "loopmux::access" && v["status"] == 400 && v["listener"] == "t"),
+        "hyper's own 400 is in the access log: {log}"
+    );
     assert!(lines.iter().any(|v| v["message"] == "listening"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
