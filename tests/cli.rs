@@ -297,9 +297,9 @@ fn json_logs_and_access_log() {
     assert_eq!(access["complete"], true);
     assert_eq!(access["upstream_conn"], "new");
     assert!(
-        lines
-            .iter()
-            .any(|v| v["target"] == "loopmux::access" && v["status"] == 400 && v["listener"] == "t"),
+        lines.iter().any(|v| v["target"] == "loopmux::access"
+            && v["status"] == 400
+            && v["listener"] == "t"),
         "hyper's own 400 is in the access log: {log}"
     );
     assert!(lines.iter().any(|v| v["message"] == "listening"), "{log}");
