@@ -6,6 +6,9 @@
 # 16 concurrent, interleaved over several rounds. Loopback only.
 #
 #   benches/compare.sh [rounds] [seconds]      (needs: nginx haproxy wrk)
+#   BASELINE=/path/to/older/loopmux benches/compare.sh ...
+#       adds that binary as "baseline", same config, interleaved: before/after
+#       figures for a change from one run.
 #
 # Prints: requests/s, p99, proxy CPU ms per 1,000 requests (utime+stime from
 # /proc), and the connections the origin accepted during the run.
@@ -88,6 +91,12 @@ CONF
 
 nginx -c "$WORK/origin.conf" -e "$WORK/origin.err" & PIDS+=($!)
 "$BIN" run --config "$WORK/loopmux.toml" 2>"$WORK/loopmux.log" & PIDS+=($!); LMX=$!
+NAMES="loopmux haproxy nginx"
+if [ -n "${BASELINE:-}" ]; then
+    sed 's/127.0.0.1:19200/127.0.0.1:19203/' "$WORK/loopmux.toml" > "$WORK/baseline.toml"
+    "$BASELINE" run --config "$WORK/baseline.toml" 2>"$WORK/baseline.log" & PIDS+=($!); BASE=$!
+    NAMES="loopmux baseline haproxy nginx"
+fi
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!); HAP=$!
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & PIDS+=($!); NGX=$!
 sleep 1
@@ -104,15 +113,15 @@ ticks() {
 }
 HZ=$(getconf CLK_TCK)
 
-declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202)
-declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX)
+declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202 [baseline]=19203)
+declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX [baseline]=${BASE:-0})
 RESULTS="$WORK/results"
 : > "$RESULTS"
-for name in loopmux haproxy nginx; do   # warm-up, not counted
+for name in $NAMES; do   # warm-up, not counted
     wrk -t2 -c$CONC -d2s -H 'Connection: close' "http://127.0.0.1:${PORT[$name]}/" >/dev/null
 done
 for round in $(seq 1 "$ROUNDS"); do
-    for name in loopmux haproxy nginx; do
+    for name in $NAMES; do
         a0=$(accepts); t0=$(ticks "${PID[$name]}")
         out=$(wrk -t2 -c$CONC -d"${SECS}s" --latency -H 'Connection: close' "http://127.0.0.1:${PORT[$name]}/")
         t1=$(ticks "${PID[$name]}"); a1=$(accepts)
@@ -134,6 +143,6 @@ while read -r name round rps p99 cpu conns errs; do
 done < "$RESULTS"
 echo
 echo "median over rounds:"
-for name in loopmux haproxy nginx; do
+for name in $NAMES; do
     awk -v n="$name" '$1==n {print $3, $5}' "$RESULTS" | sort -n | awk -v n="$name" '{r[NR]=$1; c[NR]=$2} END {m=int((NR+1)/2); printf "  %-8s %10s req/s  %s CPU ms/1k req\n", n, r[m], c[m]}'
 done

@@ -39,6 +39,32 @@ pub const ENV_PREFIX: &str = "LOOPMUX";
 /// [`ConfigError::Parse`] for TOML or type errors (naming the key where the
 /// parser knows it), [`ConfigError::Invalid`] for every rule that fails.
 pub fn load_str(toml: &str, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+    // The config crate reads `a[N]` in a variable's name as a list index and
+    // grows a list to N (fuzzing found `[79999999999]` exhausting memory):
+    // only plain key paths reach it.
+    let prefix = format!("{ENV_PREFIX}__");
+    let mut bad_env = Vec::new();
+    let env: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| match k.strip_prefix(&prefix) {
+            None => false,
+            Some(rest) => {
+                let plain = !rest.is_empty()
+                    && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !plain {
+                    bad_env.push(Problem {
+                        key: format!("environment variable {k}"),
+                        reason: "is not a config key path (letters, digits, `__` between parts)"
+                            .into(),
+                    });
+                }
+                plain
+            }
+        })
+        .collect();
+    if !bad_env.is_empty() {
+        return Err(ConfigError::Invalid(bad_env));
+    }
     let built = config::Config::builder()
         .add_source(config::File::from_str(toml, config::FileFormat::Toml))
         .add_source(

@@ -279,3 +279,17 @@ fn env_values_are_checked_like_file_values() {
     let e = load_str(MINIMAL, env("banana")).unwrap_err().to_string();
     assert!(e.contains("process.drain_timeout"), "{e}");
 }
+
+#[test]
+fn env_names_with_list_indexes_are_refused_not_expanded() {
+    // Found by fuzzing: the config crate grew a list to this index.
+    let env = HashMap::from([("LOOPMUX__a[79999999999]".to_string(), "1".to_string())]);
+    let e = load_str(MINIMAL, env).unwrap_err().to_string();
+    assert!(
+        e.contains("environment variable LOOPMUX__a[79999999999]"),
+        "{e}"
+    );
+    let env = HashMap::from([("LOOPMUX__NOPE".to_string(), "1".to_string())]);
+    let e = load_str(MINIMAL, env).unwrap_err().to_string();
+    assert!(e.contains("nope: unknown key"), "{e}");
+}
