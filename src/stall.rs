@@ -108,14 +108,19 @@ impl<S> StallIo<S> {
         &self.inner
     }
 
+    /// `moved`: whether a Ready result means bytes went out (a write) or
+    /// not (a flush, which must not restart the deadline).
     fn on_write<T>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,
+        moved: bool,
     ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Ready(r) => {
-                self.armed = false;
+                if moved {
+                    self.armed = false;
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => {
@@ -164,7 +169,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.on_write(cx, polled)
+        self.on_write(cx, polled, true)
     }
 
     fn poll_write_vectored(
@@ -173,7 +178,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.on_write(cx, polled)
+        self.on_write(cx, polled, true)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -182,7 +187,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallIo<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_flush(cx);
-        self.on_write(cx, polled)
+        self.on_write(cx, polled, false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
