@@ -535,3 +535,37 @@ fn check_is_strict_and_complete() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A response cut short by the upstream is in the access log as cut, with
+/// the reason, and the client sees a broken transfer (curl exit 18).
+#[test]
+fn access_log_says_when_a_response_was_cut() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(support::raw_upstream::RawUpstream::start(vec![
+        support::raw_upstream::write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab"),
+    ]));
+    let dir = std::env::temp_dir().join(format!("loopmux-cut-{}", std::process::id()));
+    let (file, port) = write_config(&dir, up.addr, "access_log = true");
+    let child = Child::run(&["--log-format", "json"], &file, &[("RUST_LOG", "info")]);
+    let url = format!("http://127.0.0.1:{port}/cut");
+    let start = Instant::now();
+    let code = loop {
+        let (code, _, _) = rt.block_on(support::curl(&[&url]));
+        if code != 7 || start.elapsed() > Duration::from_secs(20) {
+            break code;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, 18, "curl saw a partial transfer");
+    let (status, log) = child.stop();
+    assert!(status.success());
+    let cut = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "loopmux::access" && v["path"] == "/cut")
+        .unwrap_or_else(|| panic!("no access line: {log}"));
+    assert_eq!(cut["complete"], false, "{cut}");
+    // hyper reports the early close as an incomplete body.
+    assert_eq!(cut["cut"], "upstream-error", "{cut}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
