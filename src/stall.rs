@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,12 +37,15 @@ pub fn is_stall(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// The deadline of one body: progress is recorded per frame (a clock read);
-/// the timer is created only when the peer first makes us wait, and reset
-/// only when it fires early, so a body that never waits costs no timer.
+/// The deadline of one body. The clock is read only when the peer first
+/// makes us wait after moving bytes (not per frame), and the timer is
+/// created only then and reset only when it fires early: a body that
+/// never waits costs neither.
 pub struct Progress {
     timeout: Duration,
-    last: Instant,
+    /// When the current wait began: the last moment bytes had moved.
+    since: Option<Instant>,
+    moved: bool,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -50,7 +53,8 @@ impl Progress {
     pub fn new(timeout: Duration) -> Self {
         Progress {
             timeout,
-            last: Instant::now(),
+            since: None,
+            moved: false,
             sleep: None,
         }
     }
@@ -59,25 +63,33 @@ impl Progress {
         self.timeout
     }
 
-    /// Bytes moved: the deadline starts again.
+    /// Bytes moved: the deadline starts again at the next wait.
     pub fn moved(&mut self) {
-        self.last = Instant::now();
+        self.moved = true;
     }
 
     /// Call while the peer is pending. Ready once nothing has moved for the
     /// timeout; registers the waker otherwise.
     pub fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.last + self.timeout;
+        let since = match self.since {
+            Some(t) if !self.moved => t,
+            _ => {
+                let now = Instant::now();
+                self.since = Some(now);
+                self.moved = false;
+                now
+            }
+        };
+        let deadline = since + self.timeout;
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        loop {
-            ready!(sleep.as_mut().poll(cx));
-            let deadline = self.last + self.timeout;
-            if deadline <= Instant::now() {
-                return Poll::Ready(());
-            }
+        if sleep.deadline() < deadline {
             sleep.as_mut().reset(deadline);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -232,10 +244,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn progress_fires_only_after_a_quiet_timeout() {
         let mut p = Progress::new(Duration::from_secs(5));
-        tokio::time::advance(Duration::from_secs(4)).await;
-        p.moved();
         let waited = Instant::now();
+        // Waits 4 s, then bytes move: the deadline starts again.
+        let first = tokio::time::timeout(
+            Duration::from_secs(4),
+            std::future::poll_fn(|cx| p.poll_stalled(cx)),
+        )
+        .await;
+        assert!(first.is_err());
+        p.moved();
         std::future::poll_fn(|cx| p.poll_stalled(cx)).await;
-        assert_eq!(waited.elapsed(), Duration::from_secs(5));
+        assert_eq!(waited.elapsed(), Duration::from_secs(9));
     }
 }

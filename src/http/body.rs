@@ -334,7 +334,8 @@ pub struct RespStream {
     /// The `Content-Length` sent to the client, when there is a body.
     promised: Option<u64>,
     progress: Progress,
-    stalls: prometheus_client::metrics::counter::Counter,
+    /// Counts a stall in the listener's metrics.
+    proxy: Arc<super::proxy::Proxy>,
     record: Option<Box<AccessRecord>>,
     failed: bool,
 }
@@ -344,7 +345,7 @@ impl RespStream {
         inner: Incoming,
         promised: Option<u64>,
         timeout: Duration,
-        stalls: prometheus_client::metrics::counter::Counter,
+        proxy: Arc<super::proxy::Proxy>,
         record: Option<Box<AccessRecord>>,
     ) -> Self {
         RespStream {
@@ -352,7 +353,7 @@ impl RespStream {
             bytes: 0,
             promised,
             progress: Progress::new(timeout),
-            stalls,
+            proxy,
             record,
             failed: false,
         }
@@ -361,11 +362,11 @@ impl RespStream {
     fn fail(&mut self, e: RespBodyError) -> Poll<Option<Result<Frame<Bytes>, RespBodyError>>> {
         self.failed = true;
         if let RespBodyError::Stalled(_) = e {
-            self.stalls.inc();
+            self.proxy.count_upstream_stall();
         }
         let record = self.record.take();
         tracing::warn!(
-            listener = record.as_ref().map_or("", |r| &*r.listener),
+            listener = %self.proxy.listener,
             upstream = record.as_ref().map_or("", |r| r.upstream.as_str()),
             bytes = self.bytes,
             error = %e,

@@ -84,6 +84,11 @@ impl Proxy {
             .store(lc.body_timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// An upstream stopped sending its response body.
+    pub(crate) fn count_upstream_stall(&self) {
+        self.stats.upstream_stalls.inc();
+    }
+
     fn body_timeout(&self) -> Duration {
         Duration::from_millis(self.body_timeout_ms.load(Ordering::Relaxed))
     }
@@ -127,7 +132,9 @@ impl Proxy {
     }
 
     /// Never fails: every error becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
+    /// Takes the `Arc` the service already cloned for this request, so the
+    /// response body can count a stall without a clone of its own.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let started = tokio::time::Instant::now();
         let method = req.method().clone();
         let up = self.upstream();
@@ -151,13 +158,8 @@ impl Proxy {
                         started,
                     })
                 });
-                let body = RespStream::new(
-                    f.body,
-                    f.promised,
-                    up.cfg.body_timeout,
-                    self.stats.upstream_stalls.clone(),
-                    record,
-                );
+                let timeout = up.cfg.body_timeout;
+                let body = RespStream::new(f.body, f.promised, timeout, self.clone(), record);
                 Response::from_parts(f.parts, Either::Left(body))
             }
             Err(e) => {
@@ -228,12 +230,17 @@ impl Proxy {
         Self::prepare(&mut parts)?;
         // A small body is read whole first: a slow or broken upload then
         // holds no pooled connection (invariant 7).
-        let body = ReqBody::read(
-            body,
-            self.request_buffer_bytes.load(Ordering::Relaxed),
-            self.body_timeout(),
-        )
-        .await?;
+        let body = if http_body::Body::is_end_stream(&body) {
+            ReqBody::empty()
+        } else {
+            // Boxed: its state would otherwise grow every request's future.
+            Box::pin(ReqBody::read(
+                body,
+                self.request_buffer_bytes.load(Ordering::Relaxed),
+                self.body_timeout(),
+            ))
+            .await?
+        };
         let watch = body.watch();
         let replayable = idempotent(method);
         let mut req = Some(Request::from_parts(parts, body));
