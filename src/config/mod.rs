@@ -65,6 +65,18 @@ pub fn load_str(toml: &str, env: HashMap<String, String>) -> Result<Config, Conf
     if !bad_env.is_empty() {
         return Err(ConfigError::Invalid(bad_env));
     }
+    // The same trap in the file: the config crate reads a quoted key such
+    // as `["a[1333333333333]"]` as a path with a list index (found by
+    // fuzzing). Parse once to see the keys as written; only plain names
+    // may go on.
+    let table: toml::Table = toml
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+    let mut bad_keys = Vec::new();
+    plain_keys(&toml::Value::Table(table), String::new(), &mut bad_keys);
+    if !bad_keys.is_empty() {
+        return Err(ConfigError::Invalid(bad_keys));
+    }
     let built = config::Config::builder()
         .add_source(config::File::from_str(toml, config::FileFormat::Toml))
         .add_source(
@@ -120,6 +132,40 @@ pub fn unresolved_endpoints(cfg: &Config) -> Vec<Problem> {
         }
     }
     out
+}
+
+/// Collects every key under `v` that is not a plain name (letters, digits,
+/// `_`, `-`): no config key looks otherwise, and the loader would read
+/// dots and brackets in one as a path.
+fn plain_keys(v: &toml::Value, path: String, bad: &mut Vec<Problem>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let plain = !k.is_empty()
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if plain {
+                    plain_keys(v, here, bad);
+                } else {
+                    bad.push(Problem {
+                        key: format!("{here:?}"),
+                        reason: "is not a valid key name".into(),
+                    });
+                }
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                plain_keys(v, format!("{path}[{i}]"), bad);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `listener[0].bnd`, the way every other problem names its key.

@@ -293,3 +293,12 @@ fn env_names_with_list_indexes_are_refused_not_expanded() {
     let e = load_str(MINIMAL, env).unwrap_err().to_string();
     assert!(e.contains("nope: unknown key"), "{e}");
 }
+
+#[test]
+fn quoted_keys_with_brackets_are_refused_not_expanded() {
+    // Found by fuzzing: the loader read this key as a list index.
+    let e = problems("[\"51[1333333333333 ][-0][0]\"]\n");
+    assert!(e.contains("is not a valid key name"), "{e}");
+    let e = problems(&format!("{MINIMAL}\"a.b\" = 1\n"));
+    assert!(e.contains("is not a valid key name"), "{e}");
+}
