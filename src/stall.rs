@@ -116,10 +116,6 @@ impl<S> StallIo<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// `moved`: whether a Ready result means bytes went out (a write) or
     /// not (a flush, which must not restart the deadline).
     fn on_write<T>(

@@ -212,11 +212,7 @@ async fn absolute_form_target_sets_host() {
 #[tokio::test]
 async fn malformed_bodies_touch_no_upstream_connection_and_are_counted() {
     let o = origin().await;
-    let (app, addr) = start(&format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n{}",
-        one_upstream(o.addr, "", "")
-    ))
-    .await;
+    let (app, addr) = start(&one_upstream_with_admin(o.addr, "", "")).await;
     let admin = app.admin_addr.unwrap();
     for i in 0..10 {
         let size = ["zz", "fffffffffffffffffffff", "3;\r\nabcXY"][i % 3];
@@ -265,9 +261,10 @@ async fn malformed_chunk_after_the_buffer_is_not_a_502() {
 #[tokio::test]
 async fn hypers_own_400_and_431_are_counted() {
     let o = origin().await;
-    let (app, addr) = start(&format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n{}",
-        one_upstream(o.addr, "max_header_bytes = 8192", "")
+    let (app, addr) = start(&one_upstream_with_admin(
+        o.addr,
+        "max_header_bytes = 8192",
+        "",
     ))
     .await;
     let admin = app.admin_addr.unwrap();
@@ -351,21 +348,17 @@ async fn stalls(admin: std::net::SocketAddr, side: &str) -> f64 {
     .await
 }
 
-fn with_admin(toml: String) -> String {
-    format!("[admin]\nbind = \"127.0.0.1:0\"\n{toml}")
-}
-
 /// A client that stops mid-way through a large (streaming) body: the
 /// upstream connection that carried it is closed, the client is answered
 /// 408 or cut, and the stall is counted.
 #[tokio::test]
 async fn client_stall_in_a_streaming_body_frees_the_upstream_connection() {
     let up = RawUpstream::start(vec![Step::Hold]).await;
-    let (app, addr) = start(&with_admin(one_upstream(
+    let (app, addr) = start(&one_upstream_with_admin(
         up.addr,
         "body_timeout = \"500ms\"\nrequest_buffer_bytes = 1024",
         "",
-    )))
+    ))
     .await;
     let admin = app.admin_addr.unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -379,13 +372,7 @@ async fn client_stall_in_a_streaming_body_frees_the_upstream_connection() {
         "answered 408 or closed: {seen:?}"
     );
     // The upstream connection (Hold) sees loopmux close it.
-    for _ in 0..50 {
-        if up.closed_by_loopmux() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(up.closed_by_loopmux(), 1);
+    assert_eq!(up.wait_closed_by_loopmux(1).await, 1);
     assert_eq!(stalls(admin, "client").await, 1.0);
     app.stop(Duration::from_secs(1)).await;
 }
@@ -395,11 +382,11 @@ async fn client_stall_in_a_streaming_body_frees_the_upstream_connection() {
 #[tokio::test]
 async fn client_stall_in_a_small_body_is_408_without_upstream() {
     let up = RawUpstream::start(vec![Step::Hold]).await;
-    let (app, addr) = start(&with_admin(one_upstream(
+    let (app, addr) = start(&one_upstream_with_admin(
         up.addr,
         "body_timeout = \"500ms\"",
         "",
-    )))
+    ))
     .await;
     let admin = app.admin_addr.unwrap();
     let seen = exchange(
@@ -427,25 +414,19 @@ async fn upstream_stall_after_the_head_cuts_the_client_and_frees_the_connection(
         Step::Hold,
     ])
     .await;
-    let (app, addr) = start(&with_admin(one_upstream(
+    let (app, addr) = start(&one_upstream_with_admin(
         up.addr,
         "",
         "body_timeout = \"500ms\"",
-    )))
+    ))
     .await;
     let admin = app.admin_addr.unwrap();
     let seen = exchange(addr, GET, WAIT).await;
     assert_eq!(seen.status, 200);
     assert_eq!(seen.body, b"0123456789");
     assert!(seen.closed && !seen.framed, "{seen:?}");
-    for _ in 0..50 {
-        if up.closed_by_loopmux() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert_eq!(
-        up.closed_by_loopmux(),
+        up.wait_closed_by_loopmux(1).await,
         1,
         "loopmux closed the stalled connection"
     );
@@ -458,11 +439,11 @@ async fn upstream_stall_after_the_head_cuts_the_client_and_frees_the_connection(
 #[tokio::test]
 async fn client_that_stops_reading_is_cut_and_the_connection_freed() {
     let o = origin().await;
-    let (app, addr) = start(&with_admin(one_upstream(
+    let (app, addr) = start(&one_upstream_with_admin(
         o.addr,
         "body_timeout = \"500ms\"",
         "max_connections = 1",
-    )))
+    ))
     .await;
     let admin = app.admin_addr.unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();

@@ -17,13 +17,6 @@ fn config(toml: &str) -> loopmux::config::Config {
     loopmux::config::load_str(toml, HashMap::new()).unwrap()
 }
 
-fn with_admin(origin: SocketAddr, listener: &str, upstream: &str) -> String {
-    format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n{}",
-        one_upstream(origin, listener, upstream)
-    )
-}
-
 async fn active(admin: SocketAddr) -> f64 {
     metric(
         admin,
@@ -46,7 +39,7 @@ async fn idle_clients(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 async fn max_clients_holds_across_reloads() {
     let o = origin().await;
     // A long header timeout: the idle clients must stay connected.
-    let toml = with_admin(o.addr, "max_clients = 50\nheader_timeout = \"60s\"", "");
+    let toml = one_upstream_with_admin(o.addr, "max_clients = 50\nheader_timeout = \"60s\"", "");
     let (mut app, addr) = start(&toml).await;
     let admin = app.admin_addr.unwrap();
     let _clients = idle_clients(addr, 120).await;
@@ -78,7 +71,7 @@ async fn max_clients_holds_across_reloads() {
 #[tokio::test]
 async fn at_the_client_limit_the_gauge_and_time_say_so() {
     let o = origin().await;
-    let (app, addr) = start(&with_admin(
+    let (app, addr) = start(&one_upstream_with_admin(
         o.addr,
         "max_clients = 2\nheader_timeout = \"60s\"",
         "",

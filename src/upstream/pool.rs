@@ -356,10 +356,6 @@ impl<T: Reusable> Pool<T> {
         drop(doomed);
     }
 
-    pub fn config(&self) -> PoolConfig {
-        self.inner.lock().cfg
-    }
-
     /// Closes idle connections past `idle_timeout` or `max_lifetime`, or
     /// closed by the peer. Returns how many were closed.
     pub fn reap(&self) -> usize {

@@ -35,6 +35,19 @@ pub fn one_upstream(origin: SocketAddr, listener_extra: &str, upstream_extra: &s
     )
 }
 
+/// As [`one_upstream`], plus an admin endpoint on a free port (for
+/// `/metrics`).
+pub fn one_upstream_with_admin(
+    origin: SocketAddr,
+    listener_extra: &str,
+    upstream_extra: &str,
+) -> String {
+    format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{}",
+        one_upstream(origin, listener_extra, upstream_extra)
+    )
+}
+
 /// Sends raw bytes, reads until EOF (or `wait`), returns what came back.
 pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();

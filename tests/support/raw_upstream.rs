@@ -86,6 +86,18 @@ impl RawUpstream {
         self.closed_by_loopmux.load(Ordering::SeqCst)
     }
 
+    /// Waits (at most 5 s) until loopmux has closed `n` connections, and
+    /// returns how many it had.
+    pub async fn wait_closed_by_loopmux(&self, n: usize) -> usize {
+        for _ in 0..50 {
+            if self.closed_by_loopmux() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.closed_by_loopmux()
+    }
+
     pub fn heads(&self) -> Vec<String> {
         self.heads.lock().unwrap().clone()
     }
