@@ -21,6 +21,7 @@ fn pool(max: usize) -> Pool<Conn> {
         queue_timeout: Duration::from_secs(60),
         idle_timeout: Duration::from_secs(600),
         max_lifetime: Duration::from_secs(3600),
+        multiplexed: false,
     })
 }
 

@@ -6,15 +6,17 @@
 pub mod admin;
 pub mod app;
 pub mod config;
-pub mod demo;
 pub mod diagnose;
 pub mod http;
 pub mod listener;
-pub mod load;
 pub mod metrics;
-pub mod origin;
 pub mod shutdown;
+pub mod sockopt;
 pub mod stall;
 pub mod state;
 pub mod systemd;
 pub mod upstream;
+
+/// Not the proxy: the demo, with its origin server and load driver (also
+/// used by the lab and the tests).
+pub mod demo;

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::config::ListenerConfig;
 use crate::http::HttpServer;
-use crate::upstream::dialer::errno_text;
+use crate::sockopt::errno_text;
 
 /// Bursts of connection-per-request clients arrive together; a short accept
 /// queue turns them into SYN retries (1 s each).

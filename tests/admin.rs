@@ -30,11 +30,11 @@ async fn metrics_health_ready_and_status() {
     let (app, addr) = start(&toml).await;
     let admin = app.admin_addr.expect("admin bound");
     let broken = app.local_addrs()[1];
-    let r = loopmux::load::run(loopmux::load::LoadSpec::new(
+    let r = loopmux::demo::load::run(loopmux::demo::load::LoadSpec::new(
         addr,
         50,
         4,
-        loopmux::load::Closer::Server,
+        loopmux::demo::load::Closer::Server,
     ))
     .await;
     assert_eq!(r.ok, 50);

@@ -198,10 +198,11 @@ async fn two_thousand_concurrent_requests_use_at_most_four_connections() {
         "max_connections = 4\nmax_pending = 4096\nqueue_timeout = \"60s\"",
     ))
     .await;
-    let mut spec = loopmux::load::LoadSpec::new(addr, 2_000, 2_000, loopmux::load::Closer::Server);
+    let mut spec =
+        loopmux::demo::load::LoadSpec::new(addr, 2_000, 2_000, loopmux::demo::load::Closer::Server);
     spec.path = "/slow/5".into();
     spec.timeout = Duration::from_secs(60);
-    let r = loopmux::load::run(spec).await;
+    let r = loopmux::demo::load::run(spec).await;
     assert_eq!(r.ok, 2_000, "{:?}", r.errors);
     let accepted = o.stats.accepted.load(Ordering::Relaxed);
     assert!(accepted <= 4, "upstream saw {accepted} connections");
@@ -216,11 +217,11 @@ async fn two_thousand_concurrent_requests_use_at_most_four_connections() {
 async fn connections_are_reused_not_reopened() {
     let o = origin().await;
     let (app, addr) = start(&one_upstream(o.addr, "", "max_connections = 2")).await;
-    let r = loopmux::load::run(loopmux::load::LoadSpec::new(
+    let r = loopmux::demo::load::run(loopmux::demo::load::LoadSpec::new(
         addr,
         300,
         2,
-        loopmux::load::Closer::Client,
+        loopmux::demo::load::Closer::Client,
     ))
     .await;
     assert_eq!(r.ok, 300, "{:?}", r.errors);
@@ -279,11 +280,11 @@ async fn failing_endpoint_is_avoided() {
         &format!("endpoints = [\"{dead}\", \"{}\"]", o.addr),
     );
     let (app, addr) = start(&toml).await;
-    let r = loopmux::load::run(loopmux::load::LoadSpec::new(
+    let r = loopmux::demo::load::run(loopmux::demo::load::LoadSpec::new(
         addr,
         50,
         4,
-        loopmux::load::Closer::Server,
+        loopmux::demo::load::Closer::Server,
     ))
     .await;
     assert_eq!(r.ok, 50, "{:?}", r.errors);

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use loopmux::demo::load::{self, Closer, LoadSpec};
 use loopmux::diagnose::{count_toward, read_sockets, TIME_WAIT};
-use loopmux::load::{self, Closer, LoadSpec};
 
 const CLIENT_IPS: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
 const SERVER_IP: &str = "198.18.0.2";
@@ -170,10 +170,10 @@ fn exhaustion_lab() {
         let rt = runtime();
         rt.block_on(async move {
             let ip: IpAddr = SERVER_IP.parse().unwrap();
-            let direct = loopmux::origin::Origin::start(SocketAddr::new(ip, 9000))
+            let direct = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, 9000))
                 .await
                 .unwrap();
-            let behind = loopmux::origin::Origin::start(SocketAddr::new(ip, 9001))
+            let behind = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, 9001))
                 .await
                 .unwrap();
             ready_tx

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use loopmux::load::{Closer, LoadSpec};
+use loopmux::demo::load::{Closer, LoadSpec};
 use support::raw_upstream::metric;
 use support::*;
 use tokio::net::TcpStream;
@@ -101,7 +101,7 @@ async fn the_per_endpoint_cap_holds_through_reloads() {
     let (mut app, addr) = start(&toml(8)).await;
     let mut spec = LoadSpec::new(addr, 6_000, 32, Closer::Client);
     spec.deadline = Duration::from_secs(60);
-    let load = tokio::spawn(loopmux::load::run(spec));
+    let load = tokio::spawn(loopmux::demo::load::run(spec));
     for i in 0..6 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         app.reload(config(&toml(if i % 2 == 0 { 4 } else { 8 })))
@@ -128,7 +128,7 @@ async fn the_per_endpoint_cap_holds_through_reloads() {
     .unwrap();
     let mut spec = LoadSpec::new(addr, 500, 8, Closer::Client);
     spec.deadline = Duration::from_secs(30);
-    let r = loopmux::load::run(spec).await;
+    let r = loopmux::demo::load::run(spec).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(
         o.stats.accepted.load(Ordering::SeqCst),
@@ -146,11 +146,11 @@ async fn a_lower_cap_is_reached_after_the_reload() {
     let (mut app, addr) = start(&toml(8)).await;
     let mut spec = LoadSpec::new(addr, 2_000, 16, Closer::Client);
     spec.deadline = Duration::from_secs(30);
-    assert!(loopmux::load::run(spec).await.errors.is_empty());
+    assert!(loopmux::demo::load::run(spec).await.errors.is_empty());
     app.reload(config(&toml(2))).await.unwrap();
     let mut spec = LoadSpec::new(addr, 2_000, 16, Closer::Client);
     spec.deadline = Duration::from_secs(30);
-    assert!(loopmux::load::run(spec).await.errors.is_empty());
+    assert!(loopmux::demo::load::run(spec).await.errors.is_empty());
     let open: usize = app.upstreams()[0]
         .endpoints()
         .iter()

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use loopmux::load::{Closer, LoadSpec};
+use loopmux::demo::load::{Closer, LoadSpec};
 use support::*;
 
 fn config(listeners: &[(&str, &str)], origin: std::net::SocketAddr) -> loopmux::config::Config {
@@ -34,7 +34,7 @@ async fn reload_under_load_loses_nothing() {
 
     let mut spec = LoadSpec::new(main, 3_000, 8, Closer::Client);
     spec.deadline = Duration::from_secs(60);
-    let load = tokio::spawn(loopmux::load::run(spec));
+    let load = tokio::spawn(loopmux::demo::load::run(spec));
     // A slow request in flight on the old upstream across the reload.
     let slow_url = format!("http://{main}/slow/600");
     let slow = tokio::spawn(async move { curl(&["-w", " %{http_code}", &slow_url]).await });

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Harness {
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
-    _keep: Mutex<(loopmux::origin::Origin, loopmux::app::App)>,
+    _keep: Mutex<(loopmux::demo::origin::Origin, loopmux::app::App)>,
 }
 
 static HARNESS: OnceLock<Harness> = OnceLock::new();
@@ -32,7 +32,7 @@ fn harness() -> &'static Harness {
             .build()
             .expect("runtime");
         let (origin, app, addr) = rt.block_on(async {
-            let origin = loopmux::origin::Origin::start("127.0.0.1:0".parse().unwrap())
+            let origin = loopmux::demo::origin::Origin::start("127.0.0.1:0".parse().unwrap())
                 .await
                 .expect("origin");
             let toml = format!(

@@ -251,6 +251,11 @@ pub struct RawUpstream {
     pub source_addresses: Field<Vec<String>>,
     pub dns_refresh: Field<String>,
     pub failure_backoff: Field<String>,
+    pub max_streams_per_connection: Field<usize>,
+    pub stream_window_bytes: Field<usize>,
+    pub connection_window_bytes: Field<usize>,
+    pub keepalive_interval: Field<String>,
+    pub keepalive_timeout: Field<String>,
     pub tls: Option<RawUpstreamTls>,
 }
 
@@ -261,6 +266,7 @@ pub struct RawUpstreamTls {
     pub ca_file: Field<String>,
     pub client_cert: Field<String>,
     pub client_key: Field<String>,
+    pub insecure_skip_verify: Field<bool>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

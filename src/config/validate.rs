@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use super::raw::{Field, RawConfig, RawListener, RawUpstream};
+use super::raw::{Field, RawConfig, RawListener, RawUpstream, RawUpstreamTls};
+use crate::upstream::tls::{TlsClient, TlsSettings};
 
 /// One thing wrong with a config, tied to the key that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,20 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Http1,
+    /// Prior knowledge (plaintext), or ALPN `h2` only (TLS).
+    Http2,
+    /// TLS only: ALPN decides per connection, h2 preferred.
+    Auto,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Auto => "auto",
+        }
+    }
 }
 
 /// Where an endpoint lives: a literal address, or a name re-resolved every
@@ -116,6 +131,16 @@ pub struct UpstreamConfig {
     pub source_addresses: Vec<IpAddr>,
     pub dns_refresh: Duration,
     pub failure_backoff: Duration,
+    /// TLS toward the endpoints, with its client config built.
+    pub tls: Option<TlsClient>,
+    /// A lower stream limit per HTTP/2 connection than the server's.
+    pub max_streams_per_connection: Option<usize>,
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+    /// HTTP/2 PING every this long; no answer within `keepalive_timeout`
+    /// closes the connection.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 /// Defaults, in one place so the README's reference can be checked against them.
@@ -141,6 +166,16 @@ pub mod defaults {
     /// A real slow link moves bytes every few seconds even through TCP
     /// retransmits; a peer silent for 30 s is stalled, not slow.
     pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// One stream may fill the link: 4 MiB in flight covers 1 Gbit/s at
+    /// 32 ms round trip (istio's ztunnel uses the same).
+    pub const STREAM_WINDOW_BYTES: usize = 4 * 1024 * 1024;
+    /// Several streams at full speed, and a bound on what one connection
+    /// can make loopmux buffer for slow clients.
+    pub const CONNECTION_WINDOW_BYTES: usize = 16 * 1024 * 1024;
+    /// A pooled connection is idle most of its life; a PING every 30 s
+    /// finds one that died without a FIN long before `idle_timeout`.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// Upper bounds: past these a value is a typo, and some would break the
@@ -151,6 +186,9 @@ mod limits {
     pub const MAX_PENDING: usize = 1_000_000;
     pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
     pub const REQUEST_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+    pub const STREAMS: usize = 1_000_000;
+    /// RFC 9113 §6.9.1: a window is at most 2^31 - 1.
+    pub const WINDOW_BYTES: usize = (1 << 31) - 1;
 }
 
 struct Checker {
@@ -444,13 +482,8 @@ fn upstream(
 
     let protocol = match c.get(k("protocol"), &u.protocol).map(|p| p.trim()) {
         None | Some("http1") => Protocol::Http1,
-        Some(p @ ("http2" | "auto")) => {
-            c.fail(
-                k("protocol"),
-                format!("`{p}` is not available in this version; use \"http1\""),
-            );
-            Protocol::Http1
-        }
+        Some("http2") => Protocol::Http2,
+        Some("auto") => Protocol::Auto,
         Some(p) => {
             c.fail(
                 k("protocol"),
@@ -459,10 +492,11 @@ fn upstream(
             Protocol::Http1
         }
     };
-    if u.tls.is_some() {
+    let tls = u.tls.as_ref().and_then(|t| upstream_tls(c, i, t, protocol));
+    if protocol == Protocol::Auto && u.tls.is_none() {
         c.fail(
-            k("tls"),
-            "TLS toward upstreams is not available in this version",
+            k("protocol"),
+            "`auto` chooses by ALPN, which needs TLS: add tls = { … } or choose http1 or http2",
         );
     }
 
@@ -527,7 +561,85 @@ fn upstream(
             &u.failure_backoff,
             defaults::FAILURE_BACKOFF,
         ),
+        tls,
+        max_streams_per_connection: match &u.max_streams_per_connection {
+            Field::Missing => None,
+            f => Some(c.count(
+                k("max_streams_per_connection"),
+                f,
+                limits::STREAMS,
+                1..=limits::STREAMS,
+            )),
+        },
+        stream_window_bytes: c.count(
+            k("stream_window_bytes"),
+            &u.stream_window_bytes,
+            defaults::STREAM_WINDOW_BYTES,
+            65_535..=limits::WINDOW_BYTES,
+        ) as u32,
+        connection_window_bytes: c.count(
+            k("connection_window_bytes"),
+            &u.connection_window_bytes,
+            defaults::CONNECTION_WINDOW_BYTES,
+            65_535..=limits::WINDOW_BYTES,
+        ) as u32,
+        keepalive_interval: c.duration(
+            k("keepalive_interval"),
+            &u.keepalive_interval,
+            defaults::KEEPALIVE_INTERVAL,
+        ),
+        keepalive_timeout: c.duration(
+            k("keepalive_timeout"),
+            &u.keepalive_timeout,
+            defaults::KEEPALIVE_TIMEOUT,
+        ),
     })
+}
+
+/// `upstream[i].tls`: every file is read and parsed now, so that `check`
+/// names the key of an unreadable or mismatched one.
+fn upstream_tls(
+    c: &mut Checker,
+    i: usize,
+    t: &RawUpstreamTls,
+    protocol: Protocol,
+) -> Option<TlsClient> {
+    let k = |field: &str| format!("upstream[{i}].tls.{field}");
+    let path = |c: &mut Checker, field: &str, f: &Field<String>| {
+        c.get(k(field), f)
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let settings = TlsSettings {
+        server_name: c
+            .get(k("server_name"), &t.server_name)
+            .map(|s| s.trim().to_string()),
+        ca_file: path(c, "ca_file", &t.ca_file),
+        client_cert: path(c, "client_cert", &t.client_cert),
+        client_key: path(c, "client_key", &t.client_key),
+        insecure_skip_verify: c.flag(k("insecure_skip_verify"), &t.insecure_skip_verify, false),
+    };
+    if settings.insecure_skip_verify && settings.ca_file.is_some() {
+        c.fail(
+            k("insecure_skip_verify"),
+            "contradicts ca_file: either verify against the CA or do not verify",
+        );
+    }
+    let alpn: &[&[u8]] = match protocol {
+        Protocol::Http1 => &[b"http/1.1"],
+        Protocol::Http2 => &[b"h2"],
+        Protocol::Auto => &[b"h2", b"http/1.1"],
+    };
+    match crate::upstream::tls::build(&settings, alpn) {
+        Ok(t) => Some(t),
+        Err(problems) => {
+            for p in problems {
+                c.fail(k(p.field), p.reason);
+            }
+            None
+        }
+    }
 }
 
 fn listener(

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use super::AccessRecord;
 use crate::stall::Progress;
+use crate::upstream::client::Lease;
 
 /// Why the client's request body could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +339,8 @@ pub struct RespStream {
     proxy: Arc<super::proxy::Proxy>,
     record: Option<Box<AccessRecord>>,
     failed: bool,
+    /// The HTTP/2 stream's place in the pool, released when the body ends.
+    _lease: Lease,
 }
 
 impl RespStream {
@@ -347,6 +350,7 @@ impl RespStream {
         timeout: Duration,
         proxy: Arc<super::proxy::Proxy>,
         record: Option<Box<AccessRecord>>,
+        lease: Lease,
     ) -> Self {
         RespStream {
             inner,
@@ -356,6 +360,7 @@ impl RespStream {
             proxy,
             record,
             failed: false,
+            _lease: lease,
         }
     }
 

@@ -8,36 +8,14 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use super::body::ClientBodyError;
-use crate::upstream::conn::ConnectError;
+use crate::upstream::client::UpstreamError;
 use crate::upstream::pool::PoolError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("no connection to {endpoint}: {source}")]
-    Pool {
-        endpoint: std::net::SocketAddr,
-        source: PoolError,
-    },
+    /// Anything the upstream client reports.
     #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("request to {endpoint} (from {local}) failed: {source}")]
-    Upstream {
-        endpoint: std::net::SocketAddr,
-        local: std::net::SocketAddr,
-        source: hyper::Error,
-    },
-    #[error("no response from {endpoint} within {}", humantime::format_duration(*timeout))]
-    Timeout {
-        endpoint: std::net::SocketAddr,
-        timeout: Duration,
-    },
-    #[error("{endpoint} took no request bytes for {}", humantime::format_duration(*timeout))]
-    UpstreamStall {
-        endpoint: std::net::SocketAddr,
-        timeout: Duration,
-    },
-    #[error("no endpoint address is resolved")]
-    NoEndpoint,
+    Upstream(UpstreamError),
     #[error("{0}")]
     BadRequest(&'static str),
     /// The client's body failed while being read or forwarded.
@@ -59,15 +37,32 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The client's part of an upstream failure becomes the client's
+    /// error: `client_body_timeout` is the listener's, which the upstream
+    /// client does not know.
+    pub fn from_upstream(e: UpstreamError, client_body_timeout: Duration) -> Self {
+        match e {
+            UpstreamError::ClientStalled => {
+                ProxyError::ClientBody(ClientBodyError::Stalled(client_body_timeout))
+            }
+            UpstreamError::ClientBody => {
+                ProxyError::BadRequest("malformed or incomplete request body")
+            }
+            e => ProxyError::Upstream(e),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Pool { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream { .. } | ProxyError::NoEndpoint => {
-                StatusCode::BAD_GATEWAY
-            }
-            ProxyError::Timeout { .. } | ProxyError::UpstreamStall { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::Upstream(e) => match e {
+                UpstreamError::Pool { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamError::Timeout { .. } | UpstreamError::Stall { .. } => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+                UpstreamError::ClientStalled => StatusCode::REQUEST_TIMEOUT,
+                UpstreamError::ClientBody => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             ProxyError::BadRequest(_) | ProxyError::ClientBody(ClientBodyError::Read(_)) => {
                 StatusCode::BAD_REQUEST
             }
@@ -77,7 +72,6 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
-
     /// `502 Bad Gateway: upstream "partner": connect to 10.0.0.2:80 from
     /// 10.0.0.11 failed: ECONNREFUSED (Connection refused)`.
     pub fn into_response(&self, upstream: &str) -> Response<super::RespBody> {
@@ -107,19 +101,24 @@ impl ProxyError {
     /// A stable word for the header `x-loopmux-error` and for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            ProxyError::Pool {
-                source: PoolError::QueueFull(_),
-                ..
-            } => "queue-full",
-            ProxyError::Pool {
-                source: PoolError::QueueTimeout(_),
-                ..
-            } => "queue-timeout",
-            ProxyError::Connect(_) => "connect",
-            ProxyError::Upstream { .. } => "upstream",
-            ProxyError::Timeout { .. } => "timeout",
-            ProxyError::UpstreamStall { .. } => "upstream-stall",
-            ProxyError::NoEndpoint => "no-endpoint",
+            ProxyError::Upstream(e) if e.is_tls() => "tls",
+            ProxyError::Upstream(e) => match e {
+                UpstreamError::Pool {
+                    source: PoolError::QueueFull(_),
+                    ..
+                } => "queue-full",
+                UpstreamError::Pool {
+                    source: PoolError::QueueTimeout(_),
+                    ..
+                } => "queue-timeout",
+                UpstreamError::Connect(_) => "connect",
+                UpstreamError::Send { .. } => "upstream",
+                UpstreamError::Timeout { .. } => "timeout",
+                UpstreamError::Stall { .. } => "upstream-stall",
+                UpstreamError::NoEndpoint => "no-endpoint",
+                UpstreamError::ClientStalled => "client-stall",
+                UpstreamError::ClientBody => "bad-request",
+            },
             ProxyError::BadRequest(_) | ProxyError::ClientBody(ClientBodyError::Read(_)) => {
                 "bad-request"
             }

@@ -5,13 +5,12 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod proxy;
+pub mod service;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
@@ -93,11 +92,7 @@ impl HttpServer {
 
     /// Serves one client connection to its end.
     pub async fn serve(&self, stream: TcpStream, watcher: Watcher) {
-        let proxy = self.proxy.clone();
-        let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-        });
+        let svc = service::build(self.proxy.clone());
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
         let conn = self.builder.serve_connection(io, svc);
         if let Err(e) = watcher.watch(conn).await {

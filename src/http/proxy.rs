@@ -5,18 +5,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use super::body::{ClientBodyError, ReqBody, RespStream, Upload};
+use super::body::{ClientBodyError, ReqBody, RespStream};
 use super::error::ProxyError;
 use super::headers;
 use super::{AccessRecord, RespBody};
-use crate::config::{HostHeader, ListenerConfig};
-use crate::upstream::conn;
-use crate::upstream::pool::Acquired;
+use crate::config::ListenerConfig;
+use crate::upstream::client::{Lease, UpstreamError};
 use crate::upstream::Upstream;
 
 /// Forwards requests of one listener to its upstream. Shared by all of the
@@ -39,14 +38,7 @@ struct Forwarded {
     reused: bool,
     /// The length the client is promised, when the response has a body.
     promised: Option<u64>,
-}
-
-/// RFC 9110 §9.2.2: safe to repeat.
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+    lease: Lease,
 }
 
 impl Proxy {
@@ -82,6 +74,11 @@ impl Proxy {
             .store(lc.request_buffer_bytes, Ordering::Relaxed);
         self.body_timeout_ms
             .store(lc.body_timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// One response to a client, for the listener's metrics.
+    pub(crate) fn record(&self, status: u16, seconds: f64) {
+        self.stats.record(status, seconds);
     }
 
     /// An upstream stopped sending its response body.
@@ -159,7 +156,8 @@ impl Proxy {
                     })
                 });
                 let timeout = up.cfg.body_timeout;
-                let body = RespStream::new(f.body, f.promised, timeout, self.clone(), record);
+                let body =
+                    RespStream::new(f.body, f.promised, timeout, self.clone(), record, f.lease);
                 Response::from_parts(f.parts, Either::Left(body))
             }
             Err(e) => {
@@ -168,7 +166,7 @@ impl Proxy {
                         self.stats.client_stalls.inc();
                         tracing::warn!(listener = %self.listener, error = %e, "client stalled its upload");
                     }
-                    ProxyError::UpstreamStall { .. } => {
+                    ProxyError::Upstream(UpstreamError::Stall { .. }) => {
                         self.stats.upstream_stalls.inc();
                         tracing::warn!(listener = %self.listener, upstream = %up.cfg.name, error = %e, "upstream stalled reading the request");
                     }
@@ -192,8 +190,6 @@ impl Proxy {
                 resp
             }
         };
-        self.stats
-            .record(resp.status().as_u16(), started.elapsed().as_secs_f64());
         resp
     }
 
@@ -222,7 +218,7 @@ impl Proxy {
     /// The upstream's response head and streaming body.
     async fn forward(
         &self,
-        up: &Upstream,
+        up: &Arc<Upstream>,
         req: Request<Incoming>,
         method: &Method,
     ) -> Result<Forwarded, ProxyError> {
@@ -241,172 +237,37 @@ impl Proxy {
             ))
             .await?
         };
-        let watch = body.watch();
-        let replayable = idempotent(method);
-        let mut req = Some(Request::from_parts(parts, body));
-        let mut fresh = false;
-        // Nothing was sent when a dial fails, so another endpoint may be
-        // tried; the failed one is in back-off and will not be picked again.
-        // Counted only once a dial fails: the common path never reads it.
-        let mut dial_retries: Option<usize> = None;
-
-        loop {
-            let in_flight = up.pick().ok_or(ProxyError::NoEndpoint)?;
-            let ep = in_flight.endpoint().clone();
-            let acquired = if fresh {
-                ep.pool.checkout_fresh().await
-            } else {
-                ep.pool.checkout().await
-            };
-            let mut conn = match acquired.map_err(|source| ProxyError::Pool {
-                endpoint: ep.addr,
-                source,
-            })? {
-                Acquired::Reused(c) => c,
-                Acquired::Dial(slot) => {
-                    match conn::open(&ep, &up.dialer, slot, up.cfg.body_timeout).await {
-                        Ok(c) => {
-                            up.mark_ok(&ep);
-                            c
-                        }
-                        Err(e) => {
-                            up.mark_failed(&ep);
-                            let left = dial_retries.get_or_insert_with(|| {
-                                up.endpoints().len().saturating_sub(1).min(2)
-                            });
-                            if *left > 0 {
-                                *left -= 1;
-                                tracing::debug!(endpoint = %ep.addr, error = %e, "dial failed; trying another endpoint");
-                                continue;
-                            }
-                            return Err(e.into());
-                        }
-                    }
-                }
-            };
-            let mut r = req.take().expect("a request is present at each attempt");
-            let fixed = match &up.cfg.host_header {
-                HostHeader::Keep => None,
-                HostHeader::Fixed(v) => Some(v),
-            };
-            headers::set_host(r.headers_mut(), fixed, || {
-                HeaderValue::from_str(&ep.addr.to_string()).ok()
+        let x = up
+            .send(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| ProxyError::from_upstream(e, self.body_timeout()))?;
+        let (mut parts, body) = x.response.into_parts();
+        if let Some(coding) = headers::unsupported_coding(&parts.headers) {
+            // Dropping the unread body closes an HTTP/1 connection (it
+            // cannot carry another request) and resets an HTTP/2 stream.
+            drop(body);
+            return Err(ProxyError::ResponseCoding {
+                endpoint: x.endpoint,
+                coding,
             });
-            let reused = conn.is_reused();
-            let local = conn.local;
-            // A copy, only when this attempt may be replayed: an idempotent
-            // request with its body in memory, on a reused connection.
-            let replay = if reused && !fresh && replayable {
-                r.body().try_clone().map(|b| {
-                    let mut again = Request::new(b);
-                    *again.method_mut() = r.method().clone();
-                    *again.uri_mut() = r.uri().clone();
-                    *again.headers_mut() = r.headers().clone();
-                    again
-                })
-            } else {
-                None
-            };
-            let timeout = up.cfg.request_timeout;
-            let send = conn.send.try_send_request(r);
-            // `request_timeout` runs from the request fully sent to the
-            // response head: a long upload that keeps moving is not late
-            // (its stalls are `body_timeout`'s business).
-            let sent = match &watch {
-                None => tokio::time::timeout(timeout, send).await,
-                Some(w) => {
-                    tokio::pin!(send);
-                    tokio::select! {
-                        biased;
-                        r = &mut send => Ok(r),
-                        _ = w.finished() => tokio::time::timeout(timeout, send).await,
-                    }
-                }
-            };
-            match sent {
-                Err(_) => {
-                    // hyper closes a connection whose request future is dropped.
-                    conn.discard();
-                    return Err(ProxyError::Timeout {
-                        endpoint: ep.addr,
-                        timeout,
-                    });
-                }
-                Ok(Ok(resp)) => {
-                    let (mut parts, body) = resp.into_parts();
-                    if let Some(coding) = headers::unsupported_coding(&parts.headers) {
-                        drop(body);
-                        conn.discard();
-                        return Err(ProxyError::ResponseCoding {
-                            endpoint: ep.addr,
-                            coding,
-                        });
-                    }
-                    // The connection is busy until hyper has read the whole
-                    // response body; it goes back to the pool when ready.
-                    tokio::spawn(async move {
-                        let _in_flight = in_flight;
-                        if conn.send.ready().await.is_err() {
-                            conn.discard();
-                        }
-                    });
-                    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-                        // RFC 9112 §6.3: the chunking frames the body; a
-                        // Content-Length beside it is wrong and would make
-                        // the client cut the body short.
-                        parts.headers.remove(header::CONTENT_LENGTH);
-                    }
-                    headers::strip_hop_by_hop(&mut parts.headers);
-                    // Our side speaks 1.1 (hyper answers 1.0 clients in 1.0).
-                    parts.version = Version::HTTP_11;
-                    let promised = promised_length(method, parts.status, &parts.headers);
-                    return Ok(Forwarded {
-                        parts,
-                        body,
-                        reused,
-                        promised,
-                    });
-                }
-                Ok(Err(mut e)) => {
-                    conn.discard();
-                    // The client's fault, whatever hyper saw of it.
-                    match watch.as_ref().map(|w| w.upload()) {
-                        Some(Upload::ClientStalled) => {
-                            return Err(ClientBodyError::Stalled(self.body_timeout()).into())
-                        }
-                        Some(Upload::ClientError) => {
-                            return Err(ProxyError::BadRequest(
-                                "malformed or incomplete request body",
-                            ))
-                        }
-                        _ => {}
-                    }
-                    if crate::stall::is_stall(e.error()) {
-                        return Err(ProxyError::UpstreamStall {
-                            endpoint: ep.addr,
-                            timeout: up.cfg.body_timeout,
-                        });
-                    }
-                    if reused && !fresh {
-                        // Not written at all: always safe to send again.
-                        // Possibly written: only the copy (`replay`).
-                        if let Some(again) = e.take_message().or(replay) {
-                            tracing::debug!(endpoint = %ep.addr, error = %e.error(), "reused connection failed; retrying once on a fresh one");
-                            req = Some(again);
-                            fresh = true;
-                            up.retries
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            continue;
-                        }
-                    }
-                    return Err(ProxyError::Upstream {
-                        endpoint: ep.addr,
-                        local,
-                        source: e.into_error(),
-                    });
-                }
-            }
         }
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // RFC 9112 §6.3: the chunking frames the body; a Content-Length
+            // beside it is wrong and would make the client cut the body
+            // short.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        headers::strip_hop_by_hop(&mut parts.headers);
+        // Our side speaks 1.1 (hyper answers 1.0 clients in 1.0).
+        parts.version = Version::HTTP_11;
+        let promised = promised_length(method, parts.status, &parts.headers);
+        Ok(Forwarded {
+            parts,
+            body,
+            reused: x.reused,
+            promised,
+            lease: x.lease,
+        })
     }
 }
 

@@ -1,83 +1,113 @@
-//! An HTTP/1.1 upstream connection: dialed by the [`Dialer`], handshaken
-//! with hyper's low-level client, driven by its own task.
+//! An upstream connection as the pool holds it: an HTTP/1.1 sender
+//! (exclusive, one request at a time) or an HTTP/2 sender (shared, up to
+//! the server's stream limit), each driven by its own task.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-
-use super::dialer::{DialError, Dialer};
-use super::pool::{Pooled, Reusable, Slot};
-use super::Endpoint;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use tokio_util::either::Either;
 
 pub use crate::http::body::ReqBody;
-use crate::stall::StallIo;
 
-pub struct H1Conn {
-    pub send: SendRequest<ReqBody>,
-    pub local: SocketAddr,
+use super::pool::Reusable;
+
+/// The application protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    Http1,
+    Http2,
 }
 
-impl Reusable for H1Conn {
-    fn is_usable(&self) -> bool {
-        // The driver task ends (and closes the sender) when the peer closes
-        // an idle connection or sends bytes nobody asked for.
-        !self.send.is_closed()
+impl AppProtocol {
+    /// As ALPN spells it (and `/status` shows it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http/1.1",
+            AppProtocol::Http2 => "h2",
+        }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error(transparent)]
-    Dial(#[from] DialError),
-    #[error("HTTP/1 handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+pub enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    /// With the server's current stream limit, which only the connection
+    /// knows: its driver task publishes it here each time it runs.
+    H2(http2::SendRequest<ReqBody>, Arc<AtomicUsize>),
 }
 
-/// Dials `ep` into `slot`. The returned connection is checked out.
-///
-/// # Errors
-/// The dial error (with destination, source and errno) or the handshake
-/// error. The slot is released either way.
-pub async fn open(
-    ep: &Endpoint,
-    dialer: &Arc<Dialer>,
-    slot: Slot<H1Conn>,
-    body_timeout: std::time::Duration,
-) -> Result<Pooled<H1Conn>, ConnectError> {
-    let dialed = match dialer.dial(ep.addr).await {
-        Ok(d) => d,
-        Err(e) => {
-            ep.record_connect_error(&e);
-            return Err(e.into());
+pub struct UpConn {
+    pub sender: Sender,
+    pub local: SocketAddr,
+    /// `max_streams_per_connection`, when lower than the server's limit.
+    pub max_streams: usize,
+    /// Whether TLS was negotiated.
+    pub tls: bool,
+}
+
+impl UpConn {
+    pub fn protocol(&self) -> AppProtocol {
+        match self.sender {
+            Sender::H1(_) => AppProtocol::Http1,
+            Sender::H2(..) => AppProtocol::Http2,
         }
-    };
-    ep.connects
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let lease = dialer.lease(dialed.source);
-    let local = dialed.local;
-    let (send, conn) = hyper::client::conn::http1::Builder::new()
-        // An upstream that stops taking our request bytes fails the write
-        // after `body_timeout` instead of holding the connection forever.
-        .handshake(TokioIo::new(StallIo::new(dialed.stream, body_timeout)))
-        .await
-        .map_err(|source| ConnectError::Handshake {
-            addr: ep.addr,
-            source,
-        })?;
-    let weak = ep.pool.downgrade();
-    let id = slot.id();
-    let addr = ep.addr;
-    tokio::spawn(async move {
-        let _lease = lease;
-        if let Err(e) = conn.await {
-            tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream connection ended with an error");
+    }
+
+    /// Sends `req`; a request that was not sent at all comes back in the
+    /// error (`TrySendError::take_message`), always safe to send again.
+    pub fn send(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, TrySendError<Request<ReqBody>>>>
+    {
+        match &mut self.sender {
+            Sender::H1(s) => Either::Left(s.try_send_request(req)),
+            Sender::H2(s, _) => Either::Right(s.try_send_request(req)),
         }
-        weak.evict(id);
-    });
-    Ok(slot.fill(H1Conn { send, local }))
+    }
+
+    /// HTTP/1: resolves when the connection can take the next request
+    /// (hyper has read the whole response body), or fails when it cannot.
+    pub async fn ready(&mut self) -> bool {
+        match &mut self.sender {
+            Sender::H1(s) => s.ready().await.is_ok(),
+            Sender::H2(s, _) => s.ready().await.is_ok(),
+        }
+    }
+}
+
+impl Reusable for UpConn {
+    fn is_usable(&self) -> bool {
+        // The driver task ends (and closes the sender) when the peer closes
+        // the connection, sends bytes nobody asked for (HTTP/1), or a
+        // GOAWAY's last stream ends (HTTP/2).
+        match &self.sender {
+            Sender::H1(s) => !s.is_closed(),
+            Sender::H2(s, _) => !s.is_closed(),
+        }
+    }
+
+    fn share(&self) -> Option<Self> {
+        match &self.sender {
+            Sender::H1(_) => None,
+            Sender::H2(s, limit) => Some(UpConn {
+                sender: Sender::H2(s.clone(), limit.clone()),
+                local: self.local,
+                max_streams: self.max_streams,
+                tls: self.tls,
+            }),
+        }
+    }
+
+    fn stream_limit(&self) -> usize {
+        match &self.sender {
+            Sender::H1(_) => 1,
+            // The server's SETTINGS_MAX_CONCURRENT_STREAMS once it arrived
+            // (hyper assumes 100 before), or ours if lower.
+            Sender::H2(_, limit) => limit.load(Ordering::Relaxed).min(self.max_streams).max(1),
+        }
+    }
 }

@@ -6,12 +6,13 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::sockopt::{errno_text, set_bind_address_no_port};
 
 /// Keepalive probes find upstreams that vanished without a FIN (a rebooted
 /// NAT, a dead host) long before `idle_timeout` would.
@@ -111,33 +112,6 @@ impl DialError {
             _ => None,
         }
     }
-}
-
-/// `EADDRNOTAVAIL (Cannot assign requested address)`: the symbolic name is
-/// what operators grep for, the text is what they read.
-pub fn errno_text(e: &io::Error) -> String {
-    let name = match e.raw_os_error() {
-        Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL",
-        Some(libc::EADDRINUSE) => "EADDRINUSE",
-        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
-        Some(libc::ECONNRESET) => "ECONNRESET",
-        Some(libc::ETIMEDOUT) => "ETIMEDOUT",
-        Some(libc::ENETUNREACH) => "ENETUNREACH",
-        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
-        Some(libc::EMFILE) => "EMFILE",
-        Some(libc::ENFILE) => "ENFILE",
-        Some(libc::EACCES) => "EACCES",
-        Some(libc::EPERM) => "EPERM",
-        Some(libc::EINVAL) => "EINVAL",
-        Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT",
-        _ => return e.to_string(),
-    };
-    let mut text = e.to_string();
-    // io::Error's text ends in "(os error N)"; the name says it better.
-    if let Some(i) = text.find(" (os error") {
-        text.truncate(i);
-    }
-    format!("{name} ({text})")
 }
 
 /// Whether trying another source address could help.
@@ -304,28 +278,6 @@ fn finish(stream: TcpStream, source: Option<usize>) -> Dialed {
     }
 }
 
-/// Sets `IP_BIND_ADDRESS_NO_PORT`, which socket2 has no setter for. Without
-/// it, `bind(ip, 0)` reserves a port per socket across all destinations and
-/// the pool of sources would exhaust itself.
-pub fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid fd owned by `sock`, and a c_int-sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 async fn connect_from(source: Option<IpAddr>, dest: SocketAddr) -> io::Result<TcpStream> {
     let sock = Socket::new(
         Domain::for_address(dest),
@@ -353,6 +305,7 @@ async fn connect_from(source: Option<IpAddr>, dest: SocketAddr) -> io::Result<Tc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     async fn listener(ip: &str) -> (tokio::net::TcpListener, SocketAddr) {
         let l = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))

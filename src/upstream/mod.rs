@@ -4,9 +4,12 @@
 //! [`Dialer`], and the balancing state. Endpoint sets are swapped whole
 //! (DNS refresh), so a request never holds a lock while it waits.
 
+pub mod client;
 pub mod conn;
+pub mod connect;
 pub mod dialer;
 pub mod pool;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,14 +18,17 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
 use crate::config::{EndpointAddr, UpstreamConfig};
-use conn::H1Conn;
+use conn::UpConn;
+use connect::Connector;
 use dialer::Dialer;
 use pool::{Pool, PoolConfig};
 
 /// One resolved address of an upstream, with its pool.
 pub struct Endpoint {
     pub addr: SocketAddr,
-    pub pool: Pool<H1Conn>,
+    /// The DNS name it was resolved from: the TLS server name by default.
+    pub host: Option<Arc<str>>,
+    pub pool: Pool<UpConn>,
     in_flight: AtomicUsize,
     failed_until_ms: AtomicU64,
     /// Connections dialed successfully.
@@ -30,17 +36,23 @@ pub struct Endpoint {
     /// Failed dials by errno name (`EADDRNOTAVAIL`, `timeout`, …). Rare, so
     /// a mutex is fine.
     pub connect_errors: Mutex<BTreeMap<String, u64>>,
+    /// TLS handshakes started, and failures by reason
+    /// ([`tls::failure_reason`]).
+    pub tls_handshakes: AtomicU64,
+    pub tls_failures: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Endpoint {
     pub fn record_connect_error(&self, e: &dialer::DialError) {
         let key = match (&e.kind, e.errno()) {
             (dialer::DialErrorKind::Timeout(_), _) => "timeout".to_string(),
-            (_, Some(errno)) => dialer::errno_text(&std::io::Error::from_raw_os_error(errno))
-                .split(' ')
-                .next()
-                .unwrap_or("other")
-                .to_string(),
+            (_, Some(errno)) => {
+                crate::sockopt::errno_text(&std::io::Error::from_raw_os_error(errno))
+                    .split(' ')
+                    .next()
+                    .unwrap_or("other")
+                    .to_string()
+            }
             _ => "other".to_string(),
         };
         let mut m = self
@@ -48,6 +60,11 @@ impl Endpoint {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *m.entry(key).or_default() += 1;
+    }
+
+    pub fn record_tls_failure(&self, reason: &'static str) {
+        let mut m = self.tls_failures.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(reason).or_default() += 1;
     }
 
     pub fn in_flight(&self) -> usize {
@@ -74,6 +91,8 @@ impl Drop for InFlight {
 pub struct Upstream {
     pub cfg: UpstreamConfig,
     pub dialer: Arc<Dialer>,
+    /// Dial → TLS → handshake, for every connection of this upstream.
+    pub connector: Connector,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     rr: AtomicUsize,
     epoch: Instant,
@@ -93,12 +112,12 @@ impl Upstream {
     }
 
     /// Whether a reload from `self` to `cfg` can keep the pools (and their
-    /// connections). Only what changes the connections themselves (today:
-    /// the protocol) needs new ones; the cap, the timeouts, the endpoints
+    /// connections). Only what changes the connections themselves (the
+    /// protocol, TLS) needs new ones; the cap, the timeouts, the endpoints
     /// list and the source addresses are applied in place, so that two
     /// pools never hold connections to one endpoint at once (invariant 8).
     pub fn can_reconfigure(&self, cfg: &UpstreamConfig) -> bool {
-        self.cfg.name == cfg.name && self.cfg.protocol == cfg.protocol
+        self.cfg.name == cfg.name && self.cfg.protocol == cfg.protocol && self.cfg.tls == cfg.tls
     }
 
     /// Starts `cfg`; with `previous` (see [`can_reconfigure`]) it takes over
@@ -129,7 +148,15 @@ impl Upstream {
             }
             None => Arc::new(Vec::new()),
         };
+        if cfg
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.settings.insecure_skip_verify)
+        {
+            tracing::warn!(upstream = %cfg.name, "tls.insecure_skip_verify = true: upstream certificates are NOT verified; anyone on the path can read and change this traffic (labs only)");
+        }
         let up = Arc::new(Upstream {
+            connector: Connector::new(&cfg, dialer.clone()),
             dialer,
             endpoints: RwLock::new(inherited.clone()),
             rr: AtomicUsize::new(0),
@@ -163,6 +190,7 @@ impl Upstream {
             queue_timeout: self.cfg.queue_timeout,
             idle_timeout: self.cfg.idle_timeout,
             max_lifetime: self.cfg.max_lifetime,
+            multiplexed: self.cfg.protocol == crate::config::Protocol::Http2,
         }
     }
 
@@ -177,18 +205,27 @@ impl Upstream {
     /// Re-resolves every endpoint: new addresses get pools, vanished ones
     /// are retired (their connections close as they come back).
     pub async fn refresh(&self) {
-        let mut addrs: Vec<SocketAddr> = Vec::new();
+        let mut addrs: Vec<(SocketAddr, Option<Arc<str>>)> = Vec::new();
         for ep in &self.cfg.endpoints {
             match ep {
-                EndpointAddr::Ip(a) => addrs.push(*a),
+                EndpointAddr::Ip(a) => addrs.push((*a, None)),
                 EndpointAddr::Name { host, port } => {
                     match tokio::net::lookup_host((host.as_str(), *port)).await {
-                        Ok(found) => addrs.extend(found),
+                        Ok(found) => {
+                            let name: Arc<str> = host.as_str().into();
+                            addrs.extend(found.map(|a| (a, Some(name.clone()))));
+                        }
                         Err(e) => {
                             tracing::warn!(upstream = %self.cfg.name, endpoint = %ep, error = %e, "cannot resolve endpoint; keeping its previous addresses");
                             let current = self.endpoints();
                             addrs.extend(
-                                current.iter().map(|e| e.addr).filter(|a| a.port() == *port),
+                                current
+                                    .iter()
+                                    .filter(|e| {
+                                        e.addr.port() == *port
+                                            && e.host.as_deref() == Some(host.as_str())
+                                    })
+                                    .map(|e| (e.addr, e.host.clone())),
                             );
                         }
                     }
@@ -196,11 +233,11 @@ impl Upstream {
             }
         }
         let mut seen = std::collections::HashSet::new();
-        addrs.retain(|a| seen.insert(*a));
+        addrs.retain(|(a, _)| seen.insert(*a));
 
         let old = self.endpoints();
         let mut next = Vec::with_capacity(addrs.len());
-        for a in &addrs {
+        for (a, host) in &addrs {
             match old.iter().find(|e| e.addr == *a) {
                 Some(e) => next.push(e.clone()),
                 None => {
@@ -209,16 +246,22 @@ impl Upstream {
                     tracing::debug!(upstream = %self.cfg.name, endpoint = %a, "endpoint added");
                     next.push(Arc::new(Endpoint {
                         addr: *a,
+                        host: host.clone(),
                         pool,
                         in_flight: AtomicUsize::new(0),
                         failed_until_ms: AtomicU64::new(0),
                         connects: AtomicU64::new(0),
                         connect_errors: Mutex::new(BTreeMap::new()),
+                        tls_handshakes: AtomicU64::new(0),
+                        tls_failures: Mutex::new(BTreeMap::new()),
                     }));
                 }
             }
         }
-        for e in old.iter().filter(|e| !addrs.contains(&e.addr)) {
+        for e in old
+            .iter()
+            .filter(|e| !addrs.iter().any(|(a, _)| *a == e.addr))
+        {
             tracing::info!(upstream = %self.cfg.name, endpoint = %e.addr, "endpoint vanished from DNS; draining it");
             e.pool.retire();
         }

@@ -2,13 +2,20 @@
 //!
 //! The hard rule (DESIGN invariant 1): open + opening connections never
 //! exceed `max_connections`, counted once for the whole process. A caller
-//! gets an idle connection (most recently used first), or a [`Slot`] that
-//! allows exactly one dial, or waits in a bounded FIFO queue. Nothing else
-//! can create a connection, so the cap cannot be bypassed.
+//! gets a stream on a shared connection (HTTP/2, up to its stream limit),
+//! an idle exclusive connection (HTTP/1, most recently used first), a
+//! [`Slot`] that allows exactly one dial, or waits in a bounded FIFO queue.
+//! Nothing else can create a connection, so the cap cannot be bypassed.
 //!
-//! The pool is generic over the connection type so that it can carry HTTP/1
-//! senders today and shared HTTP/2 handles later, and so that its logic can
-//! be benchmarked without sockets.
+//! A connection is exclusive or shared by what it says of itself
+//! ([`Reusable::share`]), so one pool serves `protocol = "auto"`, where ALPN
+//! decides per connection. For shared connections the pool opens another
+//! only when every open one is at its stream limit, and while one is being
+//! opened a burst waits for it instead of opening more (istio's ztunnel
+//! does the same per key).
+//!
+//! The pool is generic over the connection type so that its logic can be
+//! tested and benchmarked without sockets.
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
@@ -22,8 +29,25 @@ use tokio::time::Instant;
 /// What the pool needs to know about a connection.
 pub trait Reusable: Send + 'static {
     /// `false` once the connection can carry no more requests (closed by
-    /// the peer, protocol error). Must be cheap and must not block.
+    /// the peer, GOAWAY, protocol error). Must be cheap and must not block.
     fn is_usable(&self) -> bool;
+
+    /// For a connection that carries several requests at once (HTTP/2): a
+    /// handle for one more request. `None` (the default): exclusive, one
+    /// request at a time.
+    fn share(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
+
+    /// How many requests a shared connection may carry at once now (the
+    /// peer may change its limit at any time). Read under the pool's lock:
+    /// must be cheap.
+    fn stream_limit(&self) -> usize {
+        1
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +57,10 @@ pub struct PoolConfig {
     pub queue_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
+    /// Connections are expected to be shared (`protocol = "http2"`): while
+    /// one is being opened, a burst waits for it rather than opening more.
+    /// The pool also learns this from the first shared connection.
+    pub multiplexed: bool,
 }
 
 /// Why no connection could be had. Both map to 503: the cap held.
@@ -52,13 +80,27 @@ pub struct PoolStats {
     pub queue_timeout: AtomicU64,
 }
 
-/// A point-in-time view, for `/status` and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A point-in-time view, for `/status`, metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolSnapshot {
     /// Open + opening.
     pub open: usize,
+    /// Idle exclusive connections.
     pub idle: usize,
     pub waiting: usize,
+    /// Open shared (HTTP/2) connections, and the requests they carry.
+    pub shared: usize,
+    pub streams: usize,
+}
+
+/// One shared connection, for `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedView {
+    pub id: u64,
+    pub streams: usize,
+    pub limit: usize,
+    /// Takes no new requests (GOAWAY, too old, over a lowered cap).
+    pub draining: bool,
 }
 
 struct Entry<T> {
@@ -72,7 +114,16 @@ struct Idle<T> {
     since: Instant,
 }
 
-/// Handed to a waiter: a connection, or the right to dial one.
+struct SharedConn<T> {
+    entry: Entry<T>,
+    active: usize,
+    /// When `active` last dropped to 0.
+    since: Instant,
+    draining: bool,
+}
+
+/// Handed to a waiter: a connection (or a stream on one), or the right to
+/// dial one.
 enum Grant<T: Reusable> {
     Conn(Pooled<T>),
     Slot(Slot<T>),
@@ -84,7 +135,14 @@ struct State<T: Reusable> {
     cfg: PoolConfig,
     /// Oldest first: checkout takes from the end (most recently used).
     idle: Vec<Idle<T>>,
+    /// Oldest first: requests fill the oldest connection with room, so a
+    /// newer one is used only when the older ones are full.
+    shared: Vec<SharedConn<T>>,
+    /// Open + opening, exclusive and shared, in use or idle.
     open: usize,
+    /// Slots handed out and not yet filled or dropped.
+    opening: usize,
+    multiplexed: bool,
     waiters: VecDeque<oneshot::Sender<Grant<T>>>,
     next_id: u64,
     retired: bool,
@@ -118,32 +176,130 @@ pub struct Slot<T: Reusable> {
     id: u64,
 }
 
-/// A checked-out connection. Dropping it returns it to the pool (or closes
-/// it if it is no longer usable, too old, or the pool is retired).
+/// A checked-out connection, or a stream on a shared one. Dropping it
+/// returns it to the pool (or closes it if it is no longer usable, too old,
+/// or the pool is retired).
 pub struct Pooled<T: Reusable> {
     inner: Arc<Inner<T>>,
     entry: Option<Entry<T>>,
     reused: bool,
     discard: bool,
+    shared: bool,
 }
 
 /// What [`Pool::checkout`] gives.
 pub enum Acquired<T: Reusable> {
-    /// An idle connection that carried requests before.
+    /// A connection (or a stream on one) that was already open.
     Reused(Pooled<T>),
     /// Dial a new connection and [`Slot::fill`] it.
     Dial(Slot<T>),
 }
 
 impl<T: Reusable> State<T> {
-    fn expired(&self, e: &Entry<T>, now: Instant) -> bool {
-        now.duration_since(e.created) >= self.cfg.max_lifetime
+    fn expired(&self, created: Instant, now: Instant) -> bool {
+        now.duration_since(created) >= self.cfg.max_lifetime
     }
 
     fn is_stale(&self, idle: &Idle<T>, now: Instant) -> bool {
         now.duration_since(idle.since) >= self.cfg.idle_timeout
-            || self.expired(&idle.entry, now)
+            || self.expired(idle.entry.created, now)
             || !idle.entry.conn.is_usable()
+    }
+
+    /// Marks shared connections that may take no new requests as draining,
+    /// and removes those that carry none (their places are freed: the
+    /// caller gives them out). Returns the removed ones, to be dropped
+    /// outside the lock. `idle_too`: also those idle past `idle_timeout`.
+    fn prune_shared(&mut self, now: Instant, idle_too: bool) -> Vec<SharedConn<T>> {
+        let mut doomed = Vec::new();
+        let mut i = 0;
+        while i < self.shared.len() {
+            let s = &self.shared[i];
+            let unfit =
+                self.retired || !s.entry.conn.is_usable() || self.expired(s.entry.created, now);
+            let idle = s.active == 0 && now.duration_since(s.since) >= self.cfg.idle_timeout;
+            if s.active == 0 && (unfit || s.draining || (idle_too && idle)) {
+                doomed.push(self.shared.remove(i));
+                self.open -= 1;
+                continue;
+            }
+            if unfit {
+                self.shared[i].draining = true;
+            }
+            i += 1;
+        }
+        doomed
+    }
+
+    /// The oldest shared connection with room for one more request.
+    fn shared_with_room(&self, avoid: Option<u64>) -> Option<usize> {
+        self.shared.iter().position(|s| {
+            !s.draining
+                && Some(s.entry.id) != avoid
+                && s.active < s.entry.conn.stream_limit()
+                && s.entry.conn.is_usable()
+        })
+    }
+
+    /// Whether a new dial may start: below the cap, and for shared
+    /// connections, not while another is being opened. A retired pool
+    /// still dials for the requests already waiting in it.
+    fn may_dial(&self) -> bool {
+        self.open < self.cfg.max_connections && !(self.multiplexed && self.opening > 0)
+    }
+
+    /// A place for a dial, counted as open and opening.
+    fn take_slot(&mut self, inner: &Arc<Inner<T>>) -> Slot<T> {
+        self.open += 1;
+        self.opening += 1;
+        self.next_id += 1;
+        Slot {
+            inner: Some(inner.clone()),
+            id: self.next_id,
+        }
+    }
+
+    /// A handle for one more request on shared connection `i`.
+    fn take_stream(&mut self, inner: &Arc<Inner<T>>, i: usize) -> Option<Pooled<T>> {
+        let s = &mut self.shared[i];
+        let conn = s.entry.conn.share()?;
+        s.active += 1;
+        Some(Pooled {
+            inner: inner.clone(),
+            entry: Some(Entry {
+                id: s.entry.id,
+                created: s.entry.created,
+                conn,
+            }),
+            reused: true,
+            discard: false,
+            shared: true,
+        })
+    }
+
+    /// One request on shared connection `id` ended; `drain`: the
+    /// connection takes no new ones.
+    fn stream_done(&mut self, id: u64, now: Instant, drain: bool) -> Option<SharedConn<T>> {
+        let i = self.shared.iter().position(|s| s.entry.id == id)?;
+        let s = &mut self.shared[i];
+        s.active -= 1;
+        s.draining |= drain;
+        if s.active > 0 {
+            return None;
+        }
+        s.since = now;
+        let over_cap = self.open > self.cfg.max_connections;
+        let s = &self.shared[i];
+        if s.draining
+            || over_cap
+            || self.retired
+            || !s.entry.conn.is_usable()
+            || self.expired(s.entry.created, now)
+        {
+            self.open -= 1;
+            return Some(self.shared.remove(i));
+        }
+        None
     }
 }
 
@@ -154,34 +310,52 @@ impl<T: Reusable> Inner<T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Gives a freed place (a slot) to the first live waiter, or forgets it.
-    /// Called with the lock held; sending never runs user code. After a
-    /// reload lowered the cap, places are forgotten until `open` is below it.
-    fn release_slot(self: &Arc<Self>, st: &mut State<T>) {
-        st.open -= 1;
-        if st.open >= st.cfg.max_connections {
-            return;
-        }
-        while let Some(tx) = st.waiters.pop_front() {
-            st.open += 1;
-            st.next_id += 1;
-            let slot = Slot {
-                inner: Some(self.clone()),
-                id: st.next_id,
-            };
-            match tx.send(Grant::Slot(slot)) {
-                Ok(()) => return,
-                Err(Grant::Slot(mut s)) => {
-                    // Waiter gave up; disarm so its drop does not re-enter.
+    /// Gives what is free now (streams on shared connections with room,
+    /// places to dial) to waiters, first come first served. Called with
+    /// the lock held after anything that may have freed something; sending
+    /// never runs user code. After a reload lowered the cap, no place is
+    /// given out until `open` is below it.
+    fn serve_waiters(self: &Arc<Self>, st: &mut State<T>) {
+        while let Some(front) = st.waiters.front() {
+            if front.is_closed() {
+                st.waiters.pop_front();
+                continue;
+            }
+            if let Some(i) = st.shared_with_room(None) {
+                let Some(p) = st.take_stream(self, i) else {
+                    st.shared[i].draining = true;
+                    continue;
+                };
+                let tx = st.waiters.pop_front().expect("front exists");
+                if let Err(Grant::Conn(mut p)) = tx.send(Grant::Conn(p)) {
+                    // Waiter gave up: undo by hand, its drop would re-lock.
+                    p.entry = None;
+                    st.shared[i].active -= 1;
+                }
+                continue;
+            }
+            if st.may_dial() {
+                let slot = st.take_slot(self);
+                let tx = st.waiters.pop_front().expect("front exists");
+                if let Err(Grant::Slot(mut s)) = tx.send(Grant::Slot(slot)) {
                     s.inner = None;
                     st.open -= 1;
+                    st.opening -= 1;
                 }
-                Err(Grant::Conn(_)) => unreachable!("sent a slot"),
+                continue;
             }
+            return;
         }
     }
 
-    /// Returns a usable connection: to the first live waiter, else to idle.
+    /// A connection closed: its place is free.
+    fn release_place(self: &Arc<Self>, st: &mut State<T>) {
+        st.open -= 1;
+        self.serve_waiters(st);
+    }
+
+    /// Returns a usable exclusive connection: to the first live waiter,
+    /// else to idle. `Some` when it must be closed instead.
     fn put_back(self: &Arc<Self>, st: &mut State<T>, mut entry: Entry<T>) -> Option<Entry<T>> {
         // Over a cap lowered by a reload: close, so the count comes down.
         if st.retired || st.open > st.cfg.max_connections {
@@ -193,6 +367,7 @@ impl<T: Reusable> Inner<T> {
                 entry: Some(entry),
                 reused: true,
                 discard: false,
+                shared: false,
             };
             match tx.send(Grant::Conn(p)) {
                 Ok(()) => return None,
@@ -217,7 +392,10 @@ impl<T: Reusable> Pool<T> {
                 state: Mutex::new(State {
                     cfg,
                     idle: Vec::new(),
+                    shared: Vec::new(),
                     open: 0,
+                    opening: 0,
+                    multiplexed: cfg.multiplexed,
                     waiters: VecDeque::new(),
                     next_id: 0,
                     retired: false,
@@ -241,46 +419,93 @@ impl<T: Reusable> Pool<T> {
             open: st.open,
             idle: st.idle.len(),
             waiting: st.waiters.iter().filter(|w| !w.is_closed()).count(),
+            shared: st.shared.len(),
+            streams: st.shared.iter().map(|s| s.active).sum(),
         }
     }
 
-    /// An idle connection, a slot to dial, or a place in the queue.
+    /// Every shared connection, oldest first.
+    pub fn shared_connections(&self) -> Vec<SharedView> {
+        let st = self.inner.lock();
+        st.shared
+            .iter()
+            .map(|s| SharedView {
+                id: s.entry.id,
+                streams: s.active,
+                limit: s.entry.conn.stream_limit(),
+                draining: s.draining,
+            })
+            .collect()
+    }
+
+    /// A stream on a shared connection, an idle connection, a slot to dial,
+    /// or a place in the queue.
     ///
     /// # Errors
     /// [`PoolError`] when the queue is full or the wait timed out; no socket
     /// is opened in either case. Cancel-safe: a grant that arrives after the
     /// caller gave up goes back to the pool when the receiver drops.
     pub async fn checkout(&self) -> Result<Acquired<T>, PoolError> {
-        self.checkout_inner(false).await
+        self.checkout_inner(false, None).await
     }
 
     /// Like [`checkout`](Self::checkout), but never hands out an idle
-    /// connection that has been sitting in the pool: for the one retry after
-    /// a reused connection turned out to be closed. At the cap, an idle
-    /// connection is closed to make room.
+    /// exclusive connection that has been sitting in the pool: for the one
+    /// retry after a reused connection turned out to be closed. At the cap,
+    /// an idle connection is closed to make room.
     pub async fn checkout_fresh(&self) -> Result<Acquired<T>, PoolError> {
-        self.checkout_inner(true).await
+        self.checkout_inner(true, None).await
     }
 
-    async fn checkout_inner(&self, fresh: bool) -> Result<Acquired<T>, PoolError> {
+    /// Like [`checkout`](Self::checkout), but not on shared connection
+    /// `id`: for the retry of a request that connection refused.
+    pub async fn checkout_avoiding(&self, id: u64) -> Result<Acquired<T>, PoolError> {
+        self.checkout_inner(false, Some(id)).await
+    }
+
+    async fn checkout_inner(
+        &self,
+        fresh: bool,
+        avoid: Option<u64>,
+    ) -> Result<Acquired<T>, PoolError> {
         let inner = &self.inner;
         let (rx, queue_timeout) = {
             let now = Instant::now();
             let mut st = inner.lock();
             let mut doomed = Vec::new();
+            let mut doomed_shared = Vec::new();
+            if !st.shared.is_empty() {
+                doomed_shared = st.prune_shared(now, false);
+                if let Some(i) = st.shared_with_room(avoid) {
+                    if let Some(p) = st.take_stream(inner, i) {
+                        if !doomed_shared.is_empty() {
+                            inner.serve_waiters(&mut st);
+                        }
+                        drop(st);
+                        drop(doomed_shared);
+                        return Ok(Acquired::Reused(p));
+                    }
+                }
+            }
             if !fresh {
                 while let Some(idle) = st.idle.pop() {
                     if st.is_stale(&idle, now) {
                         doomed.push(idle);
                         continue;
                     }
+                    st.open -= doomed.len();
+                    if !doomed.is_empty() || !doomed_shared.is_empty() {
+                        inner.serve_waiters(&mut st);
+                    }
                     drop(st);
                     drop(doomed);
+                    drop(doomed_shared);
                     return Ok(Acquired::Reused(Pooled {
                         inner: inner.clone(),
                         entry: Some(idle.entry),
                         reused: true,
                         discard: false,
+                        shared: false,
                     }));
                 }
             } else if st.open >= st.cfg.max_connections && !st.idle.is_empty() {
@@ -291,21 +516,12 @@ impl<T: Reusable> Pool<T> {
             // Each doomed connection frees its place; it becomes our slot
             // (or a waiter's) below.
             st.open -= doomed.len();
-            if st.open < st.cfg.max_connections {
-                st.open += 1;
-                st.next_id += 1;
-                let id = st.next_id;
-                // Places freed beyond ours go to waiters.
-                while st.open < st.cfg.max_connections && !st.waiters.is_empty() {
-                    st.open += 1;
-                    inner.release_slot(&mut st);
-                }
+            if st.may_dial() && st.waiters.is_empty() {
+                let slot = st.take_slot(inner);
                 drop(st);
                 drop(doomed);
-                return Ok(Acquired::Dial(Slot {
-                    inner: Some(inner.clone()),
-                    id,
-                }));
+                drop(doomed_shared);
+                return Ok(Acquired::Dial(slot));
             }
             if st.waiters.len() >= st.cfg.max_pending {
                 st.waiters.retain(|w| !w.is_closed());
@@ -316,9 +532,13 @@ impl<T: Reusable> Pool<T> {
             }
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(tx);
+            // Places freed above, if any, go to the queue in order (we are
+            // last in it).
+            inner.serve_waiters(&mut st);
             let queue_timeout = st.cfg.queue_timeout;
             drop(st);
             drop(doomed);
+            drop(doomed_shared);
             (rx, queue_timeout)
         };
         match tokio::time::timeout(queue_timeout, rx).await {
@@ -339,21 +559,35 @@ impl<T: Reusable> Pool<T> {
     /// before then. A higher cap gives the new places to waiters now.
     pub fn reconfigure(&self, cfg: PoolConfig) {
         let inner = &self.inner;
-        let doomed: Vec<Idle<T>> = {
+        let (doomed, doomed_shared) = {
             let mut st = inner.lock();
             st.cfg = cfg;
+            st.multiplexed = cfg.multiplexed || !st.shared.is_empty();
             let mut doomed = Vec::new();
             while st.open > st.cfg.max_connections && !st.idle.is_empty() {
                 doomed.push(st.idle.remove(0));
                 st.open -= 1;
             }
-            while st.open < st.cfg.max_connections && !st.waiters.is_empty() {
-                st.open += 1;
-                inner.release_slot(&mut st);
+            let mut doomed_shared = Vec::new();
+            // Shared connections over the cap: newest first take no new
+            // requests and close when their last one ends.
+            let mut over = st.open.saturating_sub(st.cfg.max_connections);
+            let mut i = st.shared.len();
+            while over > 0 && i > 0 {
+                i -= 1;
+                if st.shared[i].active == 0 {
+                    doomed_shared.push(st.shared.remove(i));
+                    st.open -= 1;
+                } else {
+                    st.shared[i].draining = true;
+                }
+                over -= 1;
             }
-            doomed
+            inner.serve_waiters(&mut st);
+            (doomed, doomed_shared)
         };
         drop(doomed);
+        drop(doomed_shared);
     }
 
     /// Closes idle connections past `idle_timeout` or `max_lifetime`, or
@@ -361,7 +595,7 @@ impl<T: Reusable> Pool<T> {
     pub fn reap(&self) -> usize {
         let now = Instant::now();
         let inner = &self.inner;
-        let doomed: Vec<Idle<T>> = {
+        let (doomed, doomed_shared) = {
             let mut st = inner.lock();
             let mut doomed = Vec::new();
             let mut i = 0;
@@ -372,26 +606,30 @@ impl<T: Reusable> Pool<T> {
                     i += 1;
                 }
             }
-            for _ in 0..doomed.len() {
-                inner.release_slot(&mut st);
+            st.open -= doomed.len();
+            let doomed_shared = st.prune_shared(now, true);
+            if !doomed.is_empty() || !doomed_shared.is_empty() {
+                inner.serve_waiters(&mut st);
             }
-            doomed
+            (doomed, doomed_shared)
         };
-        doomed.len()
+        doomed.len() + doomed_shared.len()
     }
 
     /// Stops keeping connections: idle ones close now, in-use ones close when
     /// returned (after any waiter is served). For endpoints that vanished
     /// from DNS.
     pub fn retire(&self) {
-        let doomed: Vec<Idle<T>> = {
+        let (doomed, doomed_shared) = {
             let mut st = self.inner.lock();
             st.retired = true;
             let doomed: Vec<_> = st.idle.drain(..).collect();
             st.open -= doomed.len();
-            doomed
+            let doomed_shared = st.prune_shared(Instant::now(), false);
+            (doomed, doomed_shared)
         };
         drop(doomed);
+        drop(doomed_shared);
     }
 
     /// Spawns a task that reaps this pool until the pool is dropped. The
@@ -415,23 +653,25 @@ impl<T: Reusable> Pool<T> {
 }
 
 impl<T: Reusable> WeakPool<T> {
-    /// Drops connection `id` from the idle list if it is there: called by a
-    /// connection's driver task when the connection ends, so a dead idle
-    /// connection frees its place at once.
+    /// Forgets connection `id` if the pool holds it (idle, or shared):
+    /// called by a connection's driver task when the connection ends, so a
+    /// dead connection frees its place at once.
     pub fn evict(&self, id: u64) {
         let Some(inner) = self.0.upgrade() else {
             return;
         };
-        let doomed = {
-            let mut st = inner.lock();
-            let Some(pos) = st.idle.iter().position(|i| i.entry.id == id) else {
-                return;
-            };
+        let mut st = inner.lock();
+        if let Some(pos) = st.idle.iter().position(|i| i.entry.id == id) {
             let doomed = st.idle.remove(pos);
-            inner.release_slot(&mut st);
-            doomed
-        };
-        drop(doomed);
+            inner.release_place(&mut st);
+            drop(st);
+            drop(doomed);
+        } else if let Some(pos) = st.shared.iter().position(|s| s.entry.id == id) {
+            let doomed = st.shared.remove(pos);
+            inner.release_place(&mut st);
+            drop(st);
+            drop(doomed);
+        }
     }
 }
 
@@ -442,18 +682,52 @@ impl<T: Reusable> Slot<T> {
         self.id
     }
 
-    /// Turns the slot into a checked-out connection.
+    /// Turns the slot into a checked-out connection. A shared connection
+    /// joins the pool at once, and waiters get streams on it.
     pub fn fill(mut self, conn: T) -> Pooled<T> {
         let inner = self.inner.take().expect("a slot is filled once");
+        let now = Instant::now();
+        let mut st = inner.lock();
+        st.opening -= 1;
+        let handle = conn.share();
+        let Some(handle) = handle else {
+            // Exclusive: the waiters' turn comes when it is returned.
+            drop(st);
+            return Pooled {
+                inner,
+                entry: Some(Entry {
+                    id: self.id,
+                    created: now,
+                    conn,
+                }),
+                reused: false,
+                discard: false,
+                shared: false,
+            };
+        };
+        st.multiplexed = true;
+        st.shared.push(SharedConn {
+            entry: Entry {
+                id: self.id,
+                created: now,
+                conn,
+            },
+            active: 1,
+            since: now,
+            draining: false,
+        });
+        inner.serve_waiters(&mut st);
+        drop(st);
         Pooled {
             inner,
             entry: Some(Entry {
                 id: self.id,
-                created: Instant::now(),
-                conn,
+                created: now,
+                conn: handle,
             }),
             reused: false,
             discard: false,
+            shared: true,
         }
     }
 }
@@ -462,24 +736,32 @@ impl<T: Reusable> Drop for Slot<T> {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
             let mut st = inner.lock();
-            inner.release_slot(&mut st);
+            st.opening -= 1;
+            inner.release_place(&mut st);
         }
     }
 }
 
 impl<T: Reusable> Pooled<T> {
-    /// Whether this connection carried a request before this checkout. Only
-    /// failures on reused connections are retried (the peer may have closed
-    /// an idle connection; a fresh one failing means the upstream is down).
+    /// Whether this connection was open before this checkout. Only failures
+    /// on reused connections are retried (the peer may have closed an idle
+    /// connection; a fresh one failing means the upstream is down).
     pub fn is_reused(&self) -> bool {
         self.reused
+    }
+
+    /// Whether this is one stream on a shared connection.
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     pub fn id(&self) -> u64 {
         self.entry.as_ref().map_or(0, |e| e.id)
     }
 
-    /// Close instead of returning to the pool.
+    /// Close instead of returning to the pool. For a stream on a shared
+    /// connection: the connection takes no new requests and closes when
+    /// its last one ends.
     pub fn discard(mut self) {
         self.discard = true;
     }
@@ -504,18 +786,32 @@ impl<T: Reusable> Drop for Pooled<T> {
         let Some(entry) = self.entry.take() else {
             return;
         };
-        let usable = !self.discard && entry.conn.is_usable();
         let inner = &self.inner;
+        let now = Instant::now();
+        if self.shared {
+            let closed = {
+                let mut st = inner.lock();
+                let closed = st.stream_done(entry.id, now, self.discard);
+                inner.serve_waiters(&mut st);
+                closed
+            };
+            // The handle, and a connection closed for good, drop here,
+            // outside the lock.
+            drop(entry);
+            drop(closed);
+            return;
+        }
+        let usable = !self.discard && entry.conn.is_usable();
         let _closed = {
             let mut st = inner.lock();
-            if usable && !st.expired(&entry, Instant::now()) {
+            if usable && !st.expired(entry.created, now) {
                 let back = inner.put_back(&mut st, entry);
                 if back.is_some() {
-                    inner.release_slot(&mut st);
+                    inner.release_place(&mut st);
                 }
                 back
             } else {
-                inner.release_slot(&mut st);
+                inner.release_place(&mut st);
                 Some(entry)
             }
         };
@@ -554,6 +850,7 @@ mod tests {
             queue_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(600),
+            multiplexed: false,
         }
     }
 
@@ -568,6 +865,8 @@ mod tests {
         open: 0,
         idle: 0,
         waiting: 0,
+        shared: 0,
+        streams: 0,
     };
 
     #[tokio::test]
@@ -728,7 +1027,8 @@ mod tests {
             PoolSnapshot {
                 open: 2,
                 idle: 0,
-                waiting: 0
+                waiting: 0,
+                ..Default::default()
             }
         );
         // No place is given out while over the cap.
@@ -742,7 +1042,8 @@ mod tests {
             PoolSnapshot {
                 open: 1,
                 idle: 1,
-                waiting: 0
+                waiting: 0,
+                ..Default::default()
             }
         );
     }

@@ -10,7 +10,7 @@ use loopmux::app::App;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use loopmux::origin::Origin;
+pub use loopmux::demo::origin::Origin;
 
 pub mod raw_upstream;
 

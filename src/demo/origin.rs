@@ -38,6 +38,20 @@ pub struct OriginStats {
     pub requests: AtomicU64,
     /// Requests that reached `/flaky` (answered or dropped).
     pub flaky_seen: AtomicU64,
+    /// HTTP/2 connections accepted (a subset of `accepted`).
+    pub h2_accepted: AtomicU64,
+    /// Most requests in flight at once on one connection.
+    pub peak_streams: AtomicUsize,
+}
+
+/// How an origin speaks: HTTP/1.1 by default; HTTP/2 by prior knowledge
+/// (`h2`), or with TLS, whatever ALPN chose (h2 or http/1.1).
+#[derive(Clone, Default)]
+pub struct OriginOptions {
+    pub h2: bool,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS for HTTP/2 connections.
+    pub max_streams: Option<u32>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A running origin; stops when dropped.
@@ -86,16 +100,60 @@ impl Origin {
     /// # Errors
     /// When `addr` cannot be bound.
     pub async fn start(addr: SocketAddr) -> std::io::Result<Origin> {
+        Self::start_with(addr, OriginOptions::default()).await
+    }
+
+    /// Like [`start`](Self::start), speaking as `opts` says.
+    ///
+    /// # Errors
+    /// When `addr` cannot be bound.
+    pub async fn start_with(addr: SocketAddr, opts: OriginOptions) -> std::io::Result<Origin> {
         let listener = TcpListener::from_std(crate::listener::bind_addr(addr)?)?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(OriginStats::default());
         let stop = CancellationToken::new();
-        tokio::spawn(accept(listener, stats.clone(), stop.clone()));
+        tokio::spawn(accept(listener, stats.clone(), stop.clone(), opts));
         Ok(Origin { addr, stats, stop })
     }
 }
 
-async fn accept(listener: TcpListener, stats: Arc<OriginStats>, stop: CancellationToken) {
+/// Serves one connection over `io` in HTTP/1.1 or HTTP/2.
+async fn serve<I>(io: I, h2: bool, opts: &OriginOptions, stats: Arc<OriginStats>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let on_conn = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let st = stats.clone();
+    let svc = service_fn(move |req| {
+        let n = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        st.peak_streams.fetch_max(n, Ordering::Relaxed);
+        let in_flight = in_flight.clone();
+        let fut = respond(req, st.clone(), on_conn.fetch_add(1, Ordering::Relaxed));
+        async move {
+            let r = fut.await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            r
+        }
+    });
+    if h2 {
+        stats.h2_accepted.fetch_add(1, Ordering::Relaxed);
+        let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        b.max_concurrent_streams(opts.max_streams);
+        let _ = b.serve_connection(TokioIo::new(io), svc).await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    stats: Arc<OriginStats>,
+    stop: CancellationToken,
+    opts: OriginOptions,
+) {
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a { Ok(a) => a, Err(_) => { tokio::time::sleep(Duration::from_millis(10)).await; continue } },
@@ -106,14 +164,23 @@ async fn accept(listener: TcpListener, stats: Arc<OriginStats>, stop: Cancellati
         stats.peak_active.fetch_max(now, Ordering::Relaxed);
         let stats = stats.clone();
         let stop = stop.clone();
+        let opts = opts.clone();
         tokio::spawn(async move {
-            let on_conn = Arc::new(AtomicU64::new(0));
-            let st = stats.clone();
-            let svc = service_fn(move |req| {
-                respond(req, st.clone(), on_conn.fetch_add(1, Ordering::Relaxed))
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = async {
+                match &opts.tls {
+                    None => serve(stream, opts.h2, &opts, stats.clone()).await,
+                    Some(cfg) => {
+                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg.clone())
+                            .accept(stream)
+                            .await
+                        else {
+                            return;
+                        };
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        serve(tls, h2, &opts, stats.clone()).await
+                    }
+                }
+            };
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}

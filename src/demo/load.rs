@@ -12,7 +12,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::upstream::dialer::errno_text;
+use crate::sockopt::errno_text;
 
 /// Who closes each connection first, and so who holds its TIME_WAIT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +172,7 @@ async fn connect(spec: &LoadSpec) -> io::Result<TcpStream> {
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    crate::upstream::dialer::set_bind_address_no_port(&s)?;
+    crate::sockopt::set_bind_address_no_port(&s)?;
     s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
     TcpSocket::from_std_stream(s.into())
         .connect(spec.target)

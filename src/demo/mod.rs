@@ -2,6 +2,9 @@
 //! origin; N short connections straight to it (client closes first, as a
 //! legacy app does), then the same N through an in-process loopmux.
 
+pub mod load;
+pub mod origin;
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,8 +13,8 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::diagnose::{count_toward, read_sockets, TIME_WAIT};
-use crate::load::{self, Closer, LoadReport, LoadSpec};
-use crate::origin::Origin;
+use load::{Closer, LoadReport, LoadSpec};
+use origin::Origin;
 
 #[derive(Debug, Clone)]
 pub struct DemoSpec {

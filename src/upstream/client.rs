@@ -1,0 +1,443 @@
+//! The one way out for HTTP requests, whatever the mode: pick an endpoint →
+//! check out a connection (or a stream on one) → connect if needed → send →
+//! retry when that is safe. A mode hands in a normalized request and gets
+//! back the response head with what it needs to know, or an error that says
+//! which side failed.
+//!
+//! Retries are decided in one place ([`decide`]), from the rule each
+//! failure carries (pingora's errors carry theirs the same way):
+//! - a dial failed: nothing was sent; another endpoint may be tried (at
+//!   most 2 more; the failed one is in back-off);
+//! - a reused HTTP/1 connection failed: if hyper says the request was not
+//!   written, or the request is idempotent and its body is in memory, once
+//!   more on a fresh connection (DESIGN invariant 4);
+//! - an HTTP/2 stream was refused (`REFUSED_STREAM`, or above a graceful
+//!   `GOAWAY`'s last stream): the server processed nothing, so once more on
+//!   another connection when the body is in memory.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::conn::{AppProtocol, ReqBody, UpConn};
+use super::connect::ConnectError;
+use super::pool::{Acquired, PoolError, Pooled};
+use super::{InFlight, Upstream};
+use crate::config::HostHeader;
+use crate::http::body::Upload;
+use crate::http::headers;
+
+/// Which side a failure belongs to: what the operator should look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The application on loopback (its body stalled or was malformed).
+    Client,
+    /// The upstream (refused, reset, slow, bad TLS).
+    Upstream,
+    /// loopmux's own limits (the cap held and the queue was full or slow).
+    Loopmux,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no connection to {endpoint}: {source}")]
+    Pool {
+        endpoint: SocketAddr,
+        source: PoolError,
+    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("request to {endpoint} (from {local}) failed: {source}")]
+    Send {
+        endpoint: SocketAddr,
+        local: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("no response from {endpoint} within {}", humantime::format_duration(*timeout))]
+    Timeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("{endpoint} took no request bytes for {}", humantime::format_duration(*timeout))]
+    Stall {
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("no endpoint address is resolved")]
+    NoEndpoint,
+    #[error("the client's request body stopped moving")]
+    ClientStalled,
+    #[error("malformed or incomplete request body")]
+    ClientBody,
+}
+
+impl UpstreamError {
+    pub fn side(&self) -> Side {
+        match self {
+            UpstreamError::Pool { .. } => Side::Loopmux,
+            UpstreamError::ClientStalled | UpstreamError::ClientBody => Side::Client,
+            _ => Side::Upstream,
+        }
+    }
+
+    /// Whether TLS is what failed (the handshake, ALPN, or an alert the
+    /// server sent after it, such as a missing client certificate).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            UpstreamError::Connect(c) => c.is_tls(),
+            UpstreamError::Send { source, .. } => super::tls::rustls_error(source).is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// What a failed attempt allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    Never,
+    /// Nothing was sent (the dial failed).
+    OtherEndpoint,
+    /// A reused HTTP/1 connection was closed under the request.
+    FreshConnection,
+    /// The HTTP/2 server refused the stream.
+    OtherConnection(u64),
+}
+
+struct Failure {
+    error: UpstreamError,
+    rule: Rule,
+    /// The request to send again, when the rule allows it and it could be
+    /// had (not written at all, or a copy of a body in memory).
+    again: Option<Request<ReqBody>>,
+}
+
+/// How a retry is to be made.
+enum Next {
+    Endpoint,
+    Fresh,
+    Avoiding(u64),
+}
+
+/// What is left of the retry budget for one request.
+struct Budget {
+    /// Other endpoints after a dial failure; counted only once one fails.
+    dials: Option<usize>,
+    /// The one resend on another connection.
+    resend: bool,
+}
+
+/// One place for every retry decision.
+fn decide(f: &Failure, b: &mut Budget, up: &Upstream) -> Option<Next> {
+    match f.rule {
+        Rule::Never => None,
+        Rule::OtherEndpoint => {
+            let left = b
+                .dials
+                .get_or_insert_with(|| up.endpoints().len().saturating_sub(1).min(2));
+            (*left > 0).then(|| {
+                *left -= 1;
+                Next::Endpoint
+            })
+        }
+        Rule::FreshConnection if b.resend && f.again.is_some() => {
+            b.resend = false;
+            Some(Next::Fresh)
+        }
+        Rule::OtherConnection(id) if b.resend && f.again.is_some() => {
+            b.resend = false;
+            Some(Next::Avoiding(id))
+        }
+        _ => None,
+    }
+}
+
+/// A response head from the upstream, and what the mode needs to know.
+pub struct Exchange {
+    pub response: Response<Incoming>,
+    pub reused: bool,
+    pub endpoint: SocketAddr,
+    pub local: SocketAddr,
+    pub protocol: AppProtocol,
+    /// Keep until the response body has ended: it holds the HTTP/2 stream's
+    /// place and the endpoint's in-flight count.
+    pub lease: Lease,
+}
+
+/// See [`Exchange::lease`]. Empty for HTTP/1, whose connection goes back
+/// to the pool by itself once hyper has read the body.
+#[derive(Default)]
+pub struct Lease {
+    _in_flight: Option<InFlight>,
+    _stream: Option<Pooled<UpConn>>,
+}
+
+/// RFC 9110 §9.2.2: safe to repeat.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// An h2 error that guarantees the server did nothing with the stream:
+/// `REFUSED_STREAM` (RFC 9113 §8.7), or a graceful GOAWAY the stream was
+/// above. The second is trusted for idempotent requests only.
+fn refused(e: &hyper::Error, idempotent: bool) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (idempotent
+                    && h2e.is_go_away()
+                    && h2e.is_remote()
+                    && h2e.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn copy(r: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    r.body().try_clone().map(|b| {
+        let mut again = Request::new(b);
+        *again.method_mut() = r.method().clone();
+        *again.uri_mut() = r.uri().clone();
+        *again.headers_mut() = r.headers().clone();
+        again
+    })
+}
+
+impl Upstream {
+    /// Sends `req` (origin-form, hop-by-hop headers removed) to one of the
+    /// endpoints and returns the response head.
+    ///
+    /// # Errors
+    /// [`UpstreamError`]; its [`side`](UpstreamError::side) says whose
+    /// fault it was.
+    pub async fn send(self: &Arc<Self>, req: Request<ReqBody>) -> Result<Exchange, UpstreamError> {
+        let watch = req.body().watch();
+        let mut req = Some(req);
+        let mut budget = Budget {
+            dials: None,
+            resend: true,
+        };
+        let mut next: Option<Next> = None;
+        loop {
+            let r = req.take().expect("a request is present at each attempt");
+            let failure = match self.attempt(r, next.take(), watch.as_deref()).await {
+                Ok(x) => return Ok(x),
+                Err(f) => f,
+            };
+            match decide(&failure, &mut budget, self) {
+                Some(n) => {
+                    tracing::debug!(upstream = %self.cfg.name, error = %failure.error, "retrying");
+                    if !matches!(n, Next::Endpoint) {
+                        self.retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    req = failure.again;
+                    next = Some(n);
+                }
+                None => return Err(failure.error),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        mut r: Request<ReqBody>,
+        how: Option<Next>,
+        watch: Option<&crate::http::body::Watch>,
+    ) -> Result<Exchange, Failure> {
+        let fail = |error: UpstreamError| Failure {
+            error,
+            rule: Rule::Never,
+            again: None,
+        };
+        let in_flight = self.pick().ok_or_else(|| fail(UpstreamError::NoEndpoint))?;
+        let ep = in_flight.endpoint().clone();
+        let acquired = match how {
+            Some(Next::Fresh) => ep.pool.checkout_fresh().await,
+            Some(Next::Avoiding(id)) => ep.pool.checkout_avoiding(id).await,
+            _ => ep.pool.checkout().await,
+        };
+        let mut conn = match acquired.map_err(|source| {
+            fail(UpstreamError::Pool {
+                endpoint: ep.addr,
+                source,
+            })
+        })? {
+            Acquired::Reused(c) => c,
+            Acquired::Dial(slot) => match self.connector.connect(&ep, slot).await {
+                Ok(c) => {
+                    self.mark_ok(&ep);
+                    c
+                }
+                Err(e) => {
+                    self.mark_failed(&ep);
+                    return Err(Failure {
+                        error: e.into(),
+                        rule: Rule::OtherEndpoint,
+                        again: Some(r),
+                    });
+                }
+            },
+        };
+        let protocol = conn.protocol();
+        let fixed = match &self.cfg.host_header {
+            HostHeader::Keep => None,
+            HostHeader::Fixed(v) => Some(v),
+        };
+        headers::set_host(r.headers_mut(), fixed, || {
+            HeaderValue::from_str(&ep.addr.to_string()).ok()
+        });
+        if protocol == AppProtocol::Http2 {
+            to_h2(&mut r, self.connector.is_tls(), ep.addr);
+        }
+        let reused = conn.is_reused();
+        let first_try = how.is_none();
+        let local = conn.local;
+        let replayable = idempotent(r.method());
+        // A copy only when this attempt may be replayed: a reused HTTP/1
+        // connection and an idempotent request, or any HTTP/2 stream (a
+        // refused one was not processed), with the body in memory.
+        let replay = match protocol {
+            AppProtocol::Http1 if reused && first_try && replayable => copy(&r),
+            AppProtocol::Http2 if first_try => copy(&r),
+            _ => None,
+        };
+        let timeout = self.cfg.request_timeout;
+        let send = conn.send(r);
+        // `request_timeout` runs from the request fully sent to the
+        // response head: a long upload that keeps moving is not late (its
+        // stalls are `body_timeout`'s business).
+        let sent = match watch {
+            None => tokio::time::timeout(timeout, send).await,
+            Some(w) => {
+                tokio::pin!(send);
+                tokio::select! {
+                    biased;
+                    r = &mut send => Ok(r),
+                    _ = w.finished() => tokio::time::timeout(timeout, send).await,
+                }
+            }
+        };
+        match sent {
+            Err(_) => {
+                // hyper closes an HTTP/1 connection whose request future is
+                // dropped; for HTTP/2 only the stream is reset.
+                conn.discard();
+                Err(fail(UpstreamError::Timeout {
+                    endpoint: ep.addr,
+                    timeout,
+                }))
+            }
+            Ok(Ok(response)) => {
+                let lease = match protocol {
+                    AppProtocol::Http1 => {
+                        // The connection is busy until hyper has read the
+                        // whole response body; it goes back to the pool
+                        // when ready.
+                        tokio::spawn(async move {
+                            let _in_flight = in_flight;
+                            if !conn.ready().await {
+                                conn.discard();
+                            }
+                        });
+                        Lease::default()
+                    }
+                    AppProtocol::Http2 => Lease {
+                        _in_flight: Some(in_flight),
+                        _stream: Some(conn),
+                    },
+                };
+                Ok(Exchange {
+                    response,
+                    reused,
+                    endpoint: ep.addr,
+                    local,
+                    protocol,
+                    lease,
+                })
+            }
+            Ok(Err(mut e)) => {
+                let shared = conn.is_shared();
+                let id = conn.id();
+                // The client's fault, whatever hyper saw of it.
+                match watch.map(|w| w.upload()) {
+                    Some(Upload::ClientStalled) => {
+                        conn.discard();
+                        return Err(fail(UpstreamError::ClientStalled));
+                    }
+                    Some(Upload::ClientError) => {
+                        conn.discard();
+                        return Err(fail(UpstreamError::ClientBody));
+                    }
+                    _ => {}
+                }
+                if crate::stall::is_stall(e.error()) {
+                    conn.discard();
+                    return Err(fail(UpstreamError::Stall {
+                        endpoint: ep.addr,
+                        timeout: self.cfg.body_timeout,
+                    }));
+                }
+                let (rule, again) = if shared {
+                    if refused(e.error(), replayable) {
+                        (Rule::OtherConnection(id), e.take_message().or(replay))
+                    } else {
+                        (Rule::Never, None)
+                    }
+                } else if reused && first_try {
+                    // Not written at all: always safe to send again.
+                    // Possibly written: only the copy.
+                    (Rule::FreshConnection, e.take_message().or(replay))
+                } else {
+                    (Rule::Never, None)
+                };
+                // A failed stream ends only itself, unless the connection is
+                // gone or refused it (a server going away): then no new
+                // streams go there.
+                if !shared
+                    || !super::pool::Reusable::is_usable(&*conn)
+                    || matches!(rule, Rule::OtherConnection(_))
+                {
+                    conn.discard();
+                }
+                Err(Failure {
+                    error: UpstreamError::Send {
+                        endpoint: ep.addr,
+                        local,
+                        source: e.into_error(),
+                    },
+                    rule,
+                    again,
+                })
+            }
+        }
+    }
+}
+
+/// HTTP/1 head → HTTP/2 head: the Host becomes `:authority` (RFC 9113
+/// §8.3.1) and the target absolute; framing headers go (DATA frames frame
+/// the body).
+fn to_h2(r: &mut Request<ReqBody>, tls: bool, endpoint: SocketAddr) {
+    let authority = r
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| Authority::try_from(endpoint.to_string()).ok());
+    r.headers_mut().remove(header::TRANSFER_ENCODING);
+    let mut parts = std::mem::take(r.uri_mut()).into_parts();
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = authority;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *r.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+}

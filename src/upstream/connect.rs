@@ -1,0 +1,283 @@
+//! Opening one upstream connection, in layers: TCP dial (the source-IP
+//! dialer) → optional TLS (rustls, ALPN) → the protocol's handshake (hyper's
+//! HTTP/1 or HTTP/2 client), all inside one `connect_timeout`. The driver
+//! task that runs the connection frees its pool place when it ends.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
+
+use super::conn::{AppProtocol, ReqBody, Sender, UpConn};
+use super::dialer::{DialError, Dialer};
+use super::pool::{Pooled, Slot};
+use super::tls::{self, TlsClient};
+use super::Endpoint;
+use crate::config::{Protocol, UpstreamConfig};
+use crate::stall::StallIo;
+
+type Io = StallIo<Either<TcpStream, TlsStream<TcpStream>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The verifier's or the server's reason comes first: it is what the
+    /// operator has to fix.
+    #[error("TLS handshake with {addr} (server name {server_name}) failed: {reason}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        server_name: String,
+        reason: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{addr} (server name {server_name}) did not agree to HTTP/2 (ALPN gave {offered})")]
+    NoH2 {
+        addr: SocketAddr,
+        server_name: String,
+        offered: String,
+    },
+    #[error("{protocol} handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        protocol: &'static str,
+        source: hyper::Error,
+    },
+    #[error("connect to {addr} did not finish within {} (the {stage} was still running)", humantime::format_duration(*timeout))]
+    Timeout {
+        addr: SocketAddr,
+        stage: &'static str,
+        timeout: Duration,
+    },
+}
+
+impl ConnectError {
+    /// The TLS failure's reason, for the `x-loopmux-error: tls` answer.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ConnectError::Tls { .. } | ConnectError::NoH2 { .. })
+    }
+}
+
+/// What every connection of one upstream is opened with.
+pub struct Connector {
+    pub dialer: Arc<Dialer>,
+    tls: Option<(tokio_rustls::TlsConnector, TlsClient)>,
+    protocol: Protocol,
+    connect_timeout: Duration,
+    body_timeout: Duration,
+    max_streams: usize,
+    stream_window: u32,
+    connection_window: u32,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl Connector {
+    pub fn new(cfg: &UpstreamConfig, dialer: Arc<Dialer>) -> Self {
+        Connector {
+            dialer,
+            tls: cfg.tls.as_ref().map(|t| {
+                (
+                    tokio_rustls::TlsConnector::from(t.config.clone()),
+                    t.clone(),
+                )
+            }),
+            protocol: cfg.protocol,
+            connect_timeout: cfg.connect_timeout,
+            body_timeout: cfg.body_timeout,
+            max_streams: cfg.max_streams_per_connection.unwrap_or(usize::MAX),
+            stream_window: cfg.stream_window_bytes,
+            connection_window: cfg.connection_window_bytes,
+            keepalive_interval: cfg.keepalive_interval,
+            keepalive_timeout: cfg.keepalive_timeout,
+        }
+    }
+
+    /// Whether requests go out as `https`.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Dials `ep` into `slot`. The returned connection is checked out.
+    ///
+    /// # Errors
+    /// The dial error (destination, source, errno), the TLS failure with
+    /// its reason, a protocol the server would not speak, the handshake's
+    /// error, or the deadline. The slot is released either way.
+    pub async fn connect(
+        &self,
+        ep: &Endpoint,
+        slot: Slot<UpConn>,
+    ) -> Result<Pooled<UpConn>, ConnectError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let dialed = match self.dialer.dial(ep.addr).await {
+            Ok(d) => d,
+            Err(e) => {
+                ep.record_connect_error(&e);
+                return Err(e.into());
+            }
+        };
+        let lease = self.dialer.lease(dialed.source);
+        let local = dialed.local;
+        let (io, protocol) = match &self.tls {
+            None => (
+                Either::Left(dialed.stream),
+                match self.protocol {
+                    Protocol::Http2 => AppProtocol::Http2,
+                    _ => AppProtocol::Http1,
+                },
+            ),
+            Some((connector, client)) => {
+                let name = server_name(client, ep);
+                let shown = name_text(&name);
+                ep.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                let stream =
+                    match tokio::time::timeout_at(deadline, connector.connect(name, dialed.stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(source)) => {
+                            let reason =
+                                tls::rustls_error(&source).map_or("io", tls::failure_reason);
+                            ep.record_tls_failure(reason);
+                            return Err(ConnectError::Tls {
+                                addr: ep.addr,
+                                server_name: shown,
+                                reason,
+                                source,
+                            });
+                        }
+                        Err(_) => {
+                            ep.record_tls_failure("timeout");
+                            return Err(ConnectError::Timeout {
+                                addr: ep.addr,
+                                stage: "TLS handshake",
+                                timeout: self.connect_timeout,
+                            });
+                        }
+                    };
+                let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                let protocol = match (self.protocol, alpn.as_deref()) {
+                    (_, Some(b"h2")) => AppProtocol::Http2,
+                    (Protocol::Http2, other) => {
+                        ep.record_tls_failure("no-application-protocol");
+                        return Err(ConnectError::NoH2 {
+                            addr: ep.addr,
+                            server_name: shown,
+                            offered: other.map_or("nothing".into(), |p| {
+                                format!("`{}`", String::from_utf8_lossy(p))
+                            }),
+                        });
+                    }
+                    _ => AppProtocol::Http1,
+                };
+                (Either::Right(stream), protocol)
+            }
+        };
+        ep.connects.fetch_add(1, Ordering::Relaxed);
+        // An upstream that stops taking our request bytes fails the write
+        // after `body_timeout` instead of holding the connection forever.
+        let io: Io = StallIo::new(io, self.body_timeout);
+        let weak = ep.pool.downgrade();
+        let id = slot.id();
+        let addr = ep.addr;
+        let handshake = async {
+            match protocol {
+                AppProtocol::Http1 => {
+                    let (send, conn) = hyper::client::conn::http1::Builder::new()
+                        .handshake::<_, ReqBody>(TokioIo::new(io))
+                        .await?;
+                    tokio::spawn(async move {
+                        let _lease = lease;
+                        if let Err(e) = conn.await {
+                            tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream connection ended with an error");
+                        }
+                        weak.evict(id);
+                    });
+                    Ok(Sender::H1(send))
+                }
+                AppProtocol::Http2 => {
+                    let (send, conn) =
+                        hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                            .timer(TokioTimer::new())
+                            .initial_stream_window_size(self.stream_window)
+                            .initial_connection_window_size(self.connection_window)
+                            .keep_alive_interval(self.keepalive_interval)
+                            .keep_alive_timeout(self.keepalive_timeout)
+                            .keep_alive_while_idle(true)
+                            .handshake::<_, ReqBody>(TokioIo::new(io))
+                            .await?;
+                    let limit = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+                    let published = limit.clone();
+                    tokio::spawn(async move {
+                        let _lease = lease;
+                        tokio::pin!(conn);
+                        let ended = std::future::poll_fn(|cx| {
+                            let r = conn.as_mut().poll(cx);
+                            published.store(conn.current_max_send_streams(), Ordering::Relaxed);
+                            r
+                        })
+                        .await;
+                        if let Err(e) = ended {
+                            tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream HTTP/2 connection ended with an error");
+                        }
+                        weak.evict(id);
+                    });
+                    Ok(Sender::H2(send, limit))
+                }
+            }
+        };
+        let sender = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(ConnectError::Handshake {
+                    addr: ep.addr,
+                    protocol: protocol.as_str(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    addr: ep.addr,
+                    stage: "protocol handshake",
+                    timeout: self.connect_timeout,
+                })
+            }
+        };
+        Ok(slot.fill(UpConn {
+            sender,
+            local,
+            max_streams: self.max_streams,
+            tls: self.tls.is_some(),
+        }))
+    }
+}
+
+/// The configured server name, else the endpoint's DNS name, else its IP.
+fn server_name(client: &TlsClient, ep: &Endpoint) -> ServerName<'static> {
+    if let Some(n) = &client.server_name {
+        return n.clone();
+    }
+    if let Some(host) = &ep.host {
+        if let Ok(n) = ServerName::try_from(host.to_string()) {
+            return n;
+        }
+    }
+    ServerName::IpAddress(ep.addr.ip().into())
+}
+
+fn name_text(n: &ServerName<'_>) -> String {
+    match n {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        _ => "?".into(),
+    }
+}
