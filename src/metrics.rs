@@ -188,6 +188,10 @@ impl prometheus_client::collector::Collector for UpstreamCollector {
         let mut retries = Vec::new();
         let mut src_active = Vec::new();
         let mut src_eaddrnotavail = Vec::new();
+        let mut h2_conns = Vec::new();
+        let mut h2_streams = Vec::new();
+        let mut tls_handshakes = Vec::new();
+        let mut tls_failures = Vec::new();
         for up in self.shared.upstreams().iter() {
             let u = up.cfg.name.clone();
             retries.push(Sample {
@@ -215,6 +219,33 @@ impl prometheus_client::collector::Collector for UpstreamCollector {
                     labels: base.clone(),
                     value: ep.connects.load(Relaxed),
                 });
+                h2_conns.push(Sample {
+                    labels: base.clone(),
+                    value: snap.shared as u64,
+                });
+                h2_streams.push(Sample {
+                    labels: base.clone(),
+                    value: snap.streams as u64,
+                });
+                if up.cfg.tls.is_some() {
+                    tls_handshakes.push(Sample {
+                        labels: base.clone(),
+                        value: ep.tls_handshakes.load(Relaxed),
+                    });
+                    let fails = ep
+                        .tls_failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    for (reason, v) in fails {
+                        let mut l = base.clone();
+                        l.push(("reason", reason.to_string()));
+                        tls_failures.push(Sample {
+                            labels: l,
+                            value: v,
+                        });
+                    }
+                }
                 let errs = ep
                     .connect_errors
                     .lock()
@@ -273,6 +304,34 @@ impl prometheus_client::collector::Collector for UpstreamCollector {
             "Failed upstream dials by errno",
             true,
             &errors,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_h2_connections",
+            "Open HTTP/2 upstream connections",
+            false,
+            &h2_conns,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_h2_streams",
+            "Requests in flight on HTTP/2 upstream connections",
+            false,
+            &h2_streams,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_tls_handshakes",
+            "TLS handshakes started toward upstream endpoints",
+            true,
+            &tls_handshakes,
+        )?;
+        emit(
+            &mut encoder,
+            "upstream_tls_handshake_failures",
+            "Failed TLS handshakes by reason (unknown-issuer, name-mismatch, expired, …)",
+            true,
+            &tls_failures,
         )?;
         emit(
             &mut encoder,

@@ -80,6 +80,22 @@ impl Shared {
                     .iter()
                     .map(|e| {
                         let s = e.pool.snapshot();
+                        // HTTP/1 connections as a count (one request each);
+                        // HTTP/2 ones one by one, with their streams.
+                        let mut conns = vec![serde_json::json!({
+                            "protocol": "http/1.1",
+                            "open": s.open - s.shared,
+                            "idle": s.idle,
+                        })];
+                        conns.extend(e.pool.shared_connections().iter().map(|c| {
+                            serde_json::json!({
+                                "protocol": "h2",
+                                "id": c.id,
+                                "streams": c.streams,
+                                "limit": c.limit,
+                                "draining": c.draining,
+                            })
+                        }));
                         serde_json::json!({
                             "addr": e.addr.to_string(),
                             "open": s.open,
@@ -87,6 +103,8 @@ impl Shared {
                             "pending": s.waiting,
                             "in_flight": e.in_flight(),
                             "connects": e.connects.load(Relaxed),
+                            "tls_handshakes": e.tls_handshakes.load(Relaxed),
+                            "connections": conns,
                         })
                     })
                     .collect();
@@ -104,6 +122,8 @@ impl Shared {
                     .collect();
                 serde_json::json!({
                     "name": u.cfg.name,
+                    "protocol": u.cfg.protocol.as_str(),
+                    "tls": u.cfg.tls.is_some(),
                     "max_connections": u.cfg.max_connections,
                     "endpoints": endpoints,
                     "sources": sources,

@@ -1072,6 +1072,159 @@ mod tests {
         assert_eq!(pool.snapshot().open, 0);
     }
 
+    /// A shared connection (HTTP/2-like): clones are streams on it.
+    #[derive(Clone)]
+    struct Mux {
+        alive: Arc<AtomicBool>,
+        limit: Arc<AtomicUsize>,
+    }
+
+    impl Reusable for Mux {
+        fn is_usable(&self) -> bool {
+            self.alive.load(Ordering::Relaxed)
+        }
+        fn share(&self) -> Option<Self> {
+            Some(self.clone())
+        }
+        fn stream_limit(&self) -> usize {
+            self.limit.load(Ordering::Relaxed)
+        }
+    }
+
+    fn mux(limit: usize) -> Mux {
+        Mux {
+            alive: Arc::new(AtomicBool::new(true)),
+            limit: Arc::new(AtomicUsize::new(limit)),
+        }
+    }
+
+    fn mcfg(max: usize) -> PoolConfig {
+        PoolConfig {
+            multiplexed: true,
+            ..cfg(max, 100)
+        }
+    }
+
+    #[tokio::test]
+    async fn shared_connection_fills_to_its_limit_before_a_second_opens() {
+        let pool = Pool::new(mcfg(2));
+        let Ok(Acquired::Dial(slot)) = pool.checkout().await else {
+            panic!("first request dials")
+        };
+        let first = slot.fill(mux(3));
+        let mut streams = vec![first];
+        for _ in 0..2 {
+            match pool.checkout().await {
+                Ok(Acquired::Reused(p)) => {
+                    assert!(p.is_shared());
+                    streams.push(p)
+                }
+                _ => panic!("a stream on the open connection"),
+            }
+        }
+        let s = pool.snapshot();
+        assert_eq!((s.open, s.shared, s.streams), (1, 1, 3));
+        // Full: the fourth request gets a slot for a second connection.
+        let Ok(Acquired::Dial(slot)) = pool.checkout().await else {
+            panic!("second connection only when the first is full")
+        };
+        streams.push(slot.fill(mux(3)));
+        assert_eq!(pool.snapshot().open, 2);
+        drop(streams);
+        let s = pool.snapshot();
+        assert_eq!((s.open, s.shared, s.streams), (2, 2, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_waits_for_the_connection_being_opened() {
+        let pool = Pool::new(mcfg(4));
+        let Ok(Acquired::Dial(slot)) = pool.checkout().await else {
+            panic!()
+        };
+        let mut waiters = Vec::new();
+        for _ in 0..5 {
+            let p = pool.clone();
+            waiters.push(tokio::spawn(async move {
+                match p.checkout().await {
+                    Ok(Acquired::Reused(s)) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        drop(s);
+                        true
+                    }
+                    _ => false,
+                }
+            }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            pool.snapshot().waiting,
+            5,
+            "nobody dials a second connection"
+        );
+        assert_eq!(pool.snapshot().open, 1);
+        let first = slot.fill(mux(10));
+        for w in waiters {
+            assert!(
+                w.await.unwrap(),
+                "each waiter got a stream on the new connection"
+            );
+        }
+        drop(first);
+        assert_eq!(pool.snapshot().open, 1);
+    }
+
+    #[tokio::test]
+    async fn a_freed_stream_goes_to_a_waiter_and_a_dead_connection_frees_its_place() {
+        let pool = Pool::new(mcfg(1));
+        let Ok(Acquired::Dial(slot)) = pool.checkout().await else {
+            panic!()
+        };
+        let a = slot.fill(mux(1));
+        let p2 = pool.clone();
+        let waiter = tokio::spawn(async move {
+            p2.checkout().await.map(|a| match a {
+                Acquired::Reused(p) => p.is_shared(),
+                Acquired::Dial(_) => false,
+            })
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.snapshot().waiting, 1);
+        let alive = a.alive.clone();
+        drop(a);
+        assert!(
+            waiter.await.unwrap().unwrap(),
+            "the stream went to the waiter"
+        );
+        // Dead and carrying nothing: removed at the next checkout, and the
+        // place becomes a slot.
+        alive.store(false, Ordering::Relaxed);
+        assert!(matches!(pool.checkout().await, Ok(Acquired::Dial(_))));
+    }
+
+    #[tokio::test]
+    async fn a_discarded_stream_drains_its_connection() {
+        let pool = Pool::new(mcfg(2));
+        let Ok(Acquired::Dial(slot)) = pool.checkout().await else {
+            panic!()
+        };
+        let a = slot.fill(mux(10));
+        let Ok(Acquired::Reused(b)) = pool.checkout().await else {
+            panic!()
+        };
+        b.discard(); // e.g. refused by a server going away
+        assert!(pool.shared_connections()[0].draining);
+        // New requests go to a new connection; the old one closes when its
+        // last stream ends.
+        let Ok(Acquired::Dial(slot)) = pool.checkout().await else {
+            panic!("draining connection takes no new stream")
+        };
+        let c = slot.fill(mux(10));
+        drop(a);
+        let s = pool.snapshot();
+        assert_eq!((s.open, s.shared), (1, 1));
+        drop(c);
+    }
+
     /// Many tasks on several threads; the cap is checked at every moment a
     /// connection exists.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
