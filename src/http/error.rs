@@ -115,6 +115,7 @@ impl ProxyError {
                 UpstreamError::Send { .. } => "upstream",
                 UpstreamError::Timeout { .. } => "timeout",
                 UpstreamError::Stall { .. } => "upstream-stall",
+                UpstreamError::TlsRejected { .. } => "tls",
                 UpstreamError::NoEndpoint => "no-endpoint",
                 UpstreamError::ClientStalled => "client-stall",
                 UpstreamError::ClientBody => "bad-request",

@@ -69,6 +69,15 @@ pub enum UpstreamError {
         endpoint: SocketAddr,
         timeout: Duration,
     },
+    /// The server ended TLS after the handshake (an alert: for example
+    /// the client certificate it requires is missing or not trusted).
+    #[error("TLS with {endpoint} (server name {server_name}) failed after the handshake: {reason}: {detail}")]
+    TlsRejected {
+        endpoint: SocketAddr,
+        server_name: String,
+        reason: &'static str,
+        detail: String,
+    },
     #[error("no endpoint address is resolved")]
     NoEndpoint,
     #[error("the client's request body stopped moving")]
@@ -91,6 +100,7 @@ impl UpstreamError {
     pub fn is_tls(&self) -> bool {
         match self {
             UpstreamError::Connect(c) => c.is_tls(),
+            UpstreamError::TlsRejected { .. } => true,
             UpstreamError::Send { source, .. } => super::tls::rustls_error(source).is_some(),
             _ => false,
         }
@@ -386,6 +396,24 @@ impl Upstream {
                         endpoint: ep.addr,
                         timeout: self.cfg.body_timeout,
                     }));
+                }
+                if let Some(end) = conn.tls_end.clone() {
+                    // Did TLS end the connection under this request? Ask
+                    // its driver (it may still be finishing).
+                    let found = match super::tls::failure_of(e.error()) {
+                        Some(f) => Some(f),
+                        None => end.tls_reason(Duration::from_millis(200)).await,
+                    };
+                    if let Some((reason, detail)) = found {
+                        conn.discard();
+                        ep.record_tls_failure(reason);
+                        return Err(fail(UpstreamError::TlsRejected {
+                            endpoint: ep.addr,
+                            server_name: end.server_name.clone(),
+                            reason,
+                            detail,
+                        }));
+                    }
                 }
                 let (rule, again) = if shared {
                     if refused(e.error(), replayable) {

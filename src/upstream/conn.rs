@@ -44,8 +44,43 @@ pub struct UpConn {
     pub local: SocketAddr,
     /// `max_streams_per_connection`, when lower than the server's limit.
     pub max_streams: usize,
-    /// Whether TLS was negotiated.
-    pub tls: bool,
+    /// For TLS connections: how the connection ended, told by its driver.
+    pub tls_end: Option<Arc<ConnEnd>>,
+}
+
+/// Why a TLS connection ended, when TLS is the reason: a server that
+/// rejects our client certificate (or its absence) says so with an alert
+/// after the client's side of a TLS 1.3 handshake is done, so the request
+/// only sees its connection vanish.
+pub struct ConnEnd {
+    pub server_name: String,
+    reason: std::sync::OnceLock<(&'static str, String)>,
+    done: tokio_util::sync::CancellationToken,
+}
+
+impl ConnEnd {
+    pub fn new(server_name: String) -> Self {
+        ConnEnd {
+            server_name,
+            reason: std::sync::OnceLock::new(),
+            done: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Called by the driver task when the connection has ended.
+    pub fn ended(&self, e: Option<&hyper::Error>) {
+        if let Some(found) = e.and_then(|e| super::tls::failure_of(e)) {
+            let _ = self.reason.set(found);
+        }
+        self.done.cancel();
+    }
+
+    /// The TLS reason the connection ended with, waiting up to `wait` for
+    /// its driver to finish.
+    pub async fn tls_reason(&self, wait: std::time::Duration) -> Option<(&'static str, String)> {
+        let _ = tokio::time::timeout(wait, self.done.cancelled()).await;
+        self.reason.get().cloned()
+    }
 }
 
 impl UpConn {
@@ -97,7 +132,7 @@ impl Reusable for UpConn {
                 sender: Sender::H2(s.clone(), limit.clone()),
                 local: self.local,
                 max_streams: self.max_streams,
-                tls: self.tls,
+                tls_end: self.tls_end.clone(),
             }),
         }
     }

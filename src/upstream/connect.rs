@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
-use super::conn::{AppProtocol, ReqBody, Sender, UpConn};
+use super::conn::{AppProtocol, ConnEnd, ReqBody, Sender, UpConn};
 use super::dialer::{DialError, Dialer};
 use super::pool::{Pooled, Slot};
 use super::tls::{self, TlsClient};
@@ -127,6 +127,7 @@ impl Connector {
         };
         let lease = self.dialer.lease(dialed.source);
         let local = dialed.local;
+        let mut tls_end = None;
         let (io, protocol) = match &self.tls {
             None => (
                 Either::Left(dialed.stream),
@@ -179,6 +180,7 @@ impl Connector {
                     }
                     _ => AppProtocol::Http1,
                 };
+                tls_end = Some(Arc::new(ConnEnd::new(shown)));
                 (Either::Right(stream), protocol)
             }
         };
@@ -189,6 +191,7 @@ impl Connector {
         let weak = ep.pool.downgrade();
         let id = slot.id();
         let addr = ep.addr;
+        let end = tls_end.clone();
         let handshake = async {
             match protocol {
                 AppProtocol::Http1 => {
@@ -197,10 +200,14 @@ impl Connector {
                         .await?;
                     tokio::spawn(async move {
                         let _lease = lease;
-                        if let Err(e) = conn.await {
+                        let r = conn.await;
+                        if let Err(e) = &r {
                             tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream connection ended with an error");
                         }
                         weak.evict(id);
+                        if let Some(end) = end {
+                            end.ended(r.as_ref().err());
+                        }
                     });
                     Ok(Sender::H1(send))
                 }
@@ -226,10 +233,13 @@ impl Connector {
                             r
                         })
                         .await;
-                        if let Err(e) = ended {
+                        if let Err(e) = &ended {
                             tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream HTTP/2 connection ended with an error");
                         }
                         weak.evict(id);
+                        if let Some(end) = end {
+                            end.ended(ended.as_ref().err());
+                        }
                     });
                     Ok(Sender::H2(send, limit))
                 }
@@ -256,7 +266,7 @@ impl Connector {
             sender,
             local,
             max_streams: self.max_streams,
-            tls: self.tls.is_some(),
+            tls_end,
         }))
     }
 }

@@ -275,12 +275,48 @@ pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
             return Some(r);
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                    return Some(r);
-                }
+        // h2 keeps the I/O error it died of out of the source chain.
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if let Some(inner) = io.and_then(std::io::Error::get_ref) {
+            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+                return Some(r);
             }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Why TLS failed, from anywhere in `e`'s chain: `(reason, detail)`.
+/// h2 keeps only the text of the I/O error its connection died of, so a
+/// rustls alert that arrives after the handshake is recognised by its text
+/// too.
+pub fn failure_of(e: &(dyn std::error::Error + 'static)) -> Option<(&'static str, String)> {
+    if let Some(r) = rustls_error(e) {
+        return Some((failure_reason(r), r.to_string()));
+    }
+    const ALERT: &str = "received fatal alert: ";
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let mut text = err.to_string();
+        if let Some(io) = err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io) {
+            text = io.to_string();
+        }
+        if let Some(at) = text.find(ALERT) {
+            let alert = &text[at + ALERT.len()..];
+            let reason = match alert.split_whitespace().next().unwrap_or("") {
+                "CertificateRequired" => "client-certificate-required",
+                "BadCertificate"
+                | "UnknownCA"
+                | "CertificateUnknown"
+                | "UnsupportedCertificate"
+                | "AccessDenied" => "client-certificate-rejected",
+                "HandshakeFailure" => "handshake-failure",
+                _ => "alert",
+            };
+            return Some((reason, text));
         }
         cur = err.source();
     }

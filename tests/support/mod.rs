@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 pub use loopmux::demo::origin::Origin;
 
+pub mod pki;
 pub mod raw_upstream;
 
 /// Starts loopmux from TOML; every `bind` should be `127.0.0.1:0`.
