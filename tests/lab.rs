@@ -20,6 +20,20 @@ const SERVER_IP: &str = "198.18.0.2";
 const PORT_RANGE: &str = "40000 40999";
 const MAX_CONNECTIONS: usize = 4;
 const THROUGH_REQUESTS: usize = 20_000;
+/// nghttpx (TLS + HTTP/2) in the server namespace, in front of an origin on
+/// the server's loopback.
+const H2_PORT: u16 = 9443;
+const H2_MAX_CONNECTIONS: usize = 2;
+
+/// A child process started in a namespace; killed by its pid on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
@@ -142,6 +156,9 @@ struct Figures {
     direct: load::LoadReport,
     through: load::LoadReport,
     failover: load::LoadReport,
+    h2: load::LoadReport,
+    h2_connects: u64,
+    h2_time_wait: usize,
     upstream_accepted: u64,
     upstream_peak: usize,
     time_wait_toward_upstream: usize,
@@ -176,6 +193,10 @@ fn exhaustion_lab() {
             let behind = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, 9001))
                 .await
                 .unwrap();
+            let _h2_backend =
+                loopmux::demo::origin::Origin::start("127.0.0.1:9002".parse().unwrap())
+                    .await
+                    .unwrap();
             ready_tx
                 .send((direct.addr, behind.addr, behind.stats.clone()))
                 .unwrap();
@@ -188,6 +209,30 @@ fn exhaustion_lab() {
     let (direct_addr, behind_addr, behind_stats) = ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("origins started");
+
+    // nghttpx in the server namespace, with a certificate for `localhost`
+    // from a CA made here.
+    let pki_dir = support::pki::Dir::new();
+    let ca = support::pki::Ca::new("lab CA");
+    let leaf = ca.server(&["localhost"], false);
+    let ca_file = pki_dir.write("ca.pem", &ca.pem);
+    let _nghttpx = Child(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.srv, "nghttpx", "--conf=/dev/null"])
+            .arg(format!("--frontend={SERVER_IP},{H2_PORT}"))
+            .args([
+                "--backend=127.0.0.1,9002;;proto=http/1.1",
+                "--workers=1",
+                "--no-ocsp",
+                "--errorlog-file=/dev/stderr",
+            ])
+            .arg(pki_dir.write("server.key", &leaf.key_pem))
+            .arg(pki_dir.write("server.pem", &leaf.cert_pem))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("nghttpx is installed (.ci/run installs nghttp2-proxy)"),
+    );
+    let h2_addr: SocketAddr = format!("{SERVER_IP}:{H2_PORT}").parse().unwrap();
 
     let cli = lab.cli.clone();
     let result = in_netns(&cli, move || {
@@ -208,7 +253,10 @@ fn exhaustion_lab() {
                  [[listener]]\nname = \"lab\"\nbind = \"127.0.0.1:0\"\nupstream = \"behind\"\nclient_keepalive = false\n\n\
                  [[listener]]\nname = \"exhausted\"\nbind = \"127.0.0.1:1\"\nupstream = \"direct\"\nclient_keepalive = false\n\n\
                  [[upstream]]\nname = \"behind\"\nendpoints = [\"{behind_addr}\"]\nmax_connections = {MAX_CONNECTIONS}\n\n\
-                 [[upstream]]\nname = \"direct\"\nendpoints = [\"{direct_addr}\"]\nmax_connections = {MAX_CONNECTIONS}\n",
+                 [[upstream]]\nname = \"direct\"\nendpoints = [\"{direct_addr}\"]\nmax_connections = {MAX_CONNECTIONS}\n\n\
+                 [[listener]]\nname = \"h2\"\nbind = \"127.0.0.3:0\"\nupstream = \"h2\"\nclient_keepalive = false\n\n\
+                 [[upstream]]\nname = \"h2\"\nendpoints = [\"{h2_addr}\"]\nprotocol = \"http2\"\nmax_connections = {H2_MAX_CONNECTIONS}\n\
+                 tls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}\n",
                 CLIENT_IPS[0], CLIENT_IPS[1]
             );
             // Port 1 is a placeholder that must differ from the first bind.
@@ -224,17 +272,41 @@ fn exhaustion_lab() {
                 .addr_not_avail
                 .load(std::sync::atomic::Ordering::Relaxed);
 
+            // 4. HTTPS + HTTP/2 upstream (nghttpx): the same short client
+            //    connections over at most H2_MAX_CONNECTIONS TLS connections.
+            let h2_listener = app.local_addrs()[2];
+            for _ in 0..200 {
+                if tokio::net::TcpStream::connect(h2_addr).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let h2 = load::run(LoadSpec::new(h2_listener, THROUGH_REQUESTS, 16, Closer::Server)).await;
+            let h2_connects = app.upstreams()[2].endpoints()[0]
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed);
+
             let sockets = read_sockets().unwrap();
             let time_wait_toward_upstream = count_toward(&sockets, behind_addr, TIME_WAIT);
+            let h2_time_wait = count_toward(&sockets, h2_addr, TIME_WAIT);
             app.stop(Duration::from_secs(5)).await;
-            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report)
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait)
         })
     })
     .join();
     let _ = stop_tx.send(());
     let _ = server.join();
-    let (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report) =
-        result.expect("client side of the lab panicked");
+    let (
+        direct,
+        through,
+        failover,
+        time_wait_toward_upstream,
+        source0_eaddrnotavail,
+        report,
+        h2,
+        h2_connects,
+        h2_time_wait,
+    ) = result.expect("client side of the lab panicked");
     println!(
         "diagnose in the client namespace after the direct phase:\n{}",
         report.render(5)
@@ -249,6 +321,9 @@ fn exhaustion_lab() {
         direct,
         through,
         failover,
+        h2,
+        h2_connects,
+        h2_time_wait,
         upstream_accepted: behind_stats
             .accepted
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -267,6 +342,7 @@ fn exhaustion_lab() {
         ("direct", &f.direct),
         ("through loopmux", &f.through),
         ("failover", &f.failover),
+        ("HTTPS + h2 (nghttpx)", &f.h2),
     ] {
         println!(
             "| {name} | {} | {} {:?} | {:.0} | {:?} |",
@@ -305,6 +381,18 @@ fn exhaustion_lab() {
     );
     assert!(f.time_wait_toward_upstream <= MAX_CONNECTIONS);
     assert_eq!(f.failover.ok, 200, "failover: {:?}", f.failover.errors);
+    println!(
+        "HTTPS + h2 upstream: {} TLS connections dialed (max_connections {H2_MAX_CONNECTIONS}); TIME_WAIT toward it in client ns: {}",
+        f.h2_connects, f.h2_time_wait
+    );
+    assert_eq!(f.h2.ok, THROUGH_REQUESTS, "h2: {:?}", f.h2.errors);
+    assert_eq!(f.h2.error_count(), 0);
+    assert!(
+        f.h2_connects as usize <= H2_MAX_CONNECTIONS && f.h2_connects >= 1,
+        "h2 connections dialed: {}",
+        f.h2_connects
+    );
+    assert_eq!(f.h2_time_wait, 0, "no TIME_WAIT toward the h2 upstream");
     assert!(
         f.source0_eaddrnotavail >= 1,
         "the exhausted source should have reported EADDRNOTAVAIL"
