@@ -281,6 +281,11 @@ impl App {
         let mut inherited: Vec<Arc<Upstream>> = Vec::new();
         for uc in &cfg.upstreams {
             if let Some(u) = current.iter().find(|u| u.cfg == *uc) {
+                // Kept as it is, so `start_after` does not warn: say it on
+                // every reload all the same.
+                if uc.tls.as_ref().is_some_and(|t| t.settings.insecure_skip_verify) {
+                    tracing::warn!(upstream = %uc.name, "tls.insecure_skip_verify = true: upstream certificates are NOT verified (labs only)");
+                }
                 upstreams.push(u.clone());
             } else if let Some(prev) = current.iter().find(|u| u.can_reconfigure(uc)) {
                 tracing::info!(upstream = %uc.name, "upstream changed: pools reconfigured in place");
