@@ -283,7 +283,11 @@ impl App {
             if let Some(u) = current.iter().find(|u| u.cfg == *uc) {
                 // Kept as it is, so `start_after` does not warn: say it on
                 // every reload all the same.
-                if uc.tls.as_ref().is_some_and(|t| t.settings.insecure_skip_verify) {
+                if uc
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.settings.insecure_skip_verify)
+                {
                     tracing::warn!(upstream = %uc.name, "tls.insecure_skip_verify = true: upstream certificates are NOT verified (labs only)");
                 }
                 upstreams.push(u.clone());

@@ -283,7 +283,9 @@ impl Upstream {
             })
         })? {
             Acquired::Reused(c) => c,
-            Acquired::Dial(slot) => match self.connector.connect(&ep, slot).await {
+            // Boxed: dialing (TLS, handshakes) is rare, and its state would
+            // otherwise grow every request's future.
+            Acquired::Dial(slot) => match Box::pin(self.connector.connect(&ep, slot)).await {
                 Ok(c) => {
                     self.mark_ok(&ep);
                     c
