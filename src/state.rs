@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
+use crate::upstream::conn::AppProtocol;
 use crate::upstream::Upstream;
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,13 +84,13 @@ impl Shared {
                         // HTTP/1 connections as a count (one request each);
                         // HTTP/2 ones one by one, with their streams.
                         let mut conns = vec![serde_json::json!({
-                            "protocol": "http/1.1",
+                            "protocol": AppProtocol::Http1.as_str(),
                             "open": s.open - s.shared,
                             "idle": s.idle,
                         })];
                         conns.extend(e.pool.shared_connections().iter().map(|c| {
                             serde_json::json!({
-                                "protocol": "h2",
+                                "protocol": AppProtocol::Http2.as_str(),
                                 "id": c.id,
                                 "streams": c.streams,
                                 "limit": c.limit,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use super::raw::{Field, RawConfig, RawListener, RawUpstream, RawUpstreamTls};
-use crate::upstream::tls::{TlsClient, TlsSettings};
+use crate::upstream::tls::{SystemRoots, TlsClient, TlsSettings};
 
 /// One thing wrong with a config, tied to the key that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +193,7 @@ mod limits {
 
 struct Checker {
     problems: Vec<Problem>,
+    system_roots: SystemRoots,
 }
 
 impl Checker {
@@ -338,6 +339,7 @@ pub fn parse_endpoint(raw: &str) -> Result<EndpointAddr, String> {
 pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut c = Checker {
         problems: Vec::new(),
+        system_roots: SystemRoots::default(),
     };
 
     let admin = raw.admin.as_ref().and_then(|a| {
@@ -631,7 +633,7 @@ fn upstream_tls(
         Protocol::Http2 => &[b"h2"],
         Protocol::Auto => &[b"h2", b"http/1.1"],
     };
-    match crate::upstream::tls::build(&settings, alpn) {
+    match crate::upstream::tls::build(&settings, alpn, &c.system_roots) {
         Ok(t) => Some(t),
         Err(problems) => {
             for p in problems {

@@ -8,7 +8,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use super::body::ClientBodyError;
-use crate::upstream::client::UpstreamError;
+use crate::upstream::client::{Side, UpstreamError};
 use crate::upstream::pool::PoolError;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,15 @@ impl ProxyError {
                 ProxyError::BadRequest("malformed or incomplete request body")
             }
             e => ProxyError::Upstream(e),
+        }
+    }
+
+    /// Whose fault it was, for logs: the operator's first question.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::Upstream(e) => e.side(),
+            ProxyError::ResponseCoding { .. } => Side::Upstream,
+            _ => Side::Client,
         }
     }
 

@@ -16,6 +16,7 @@ use super::headers;
 use super::{AccessRecord, RespBody};
 use crate::config::ListenerConfig;
 use crate::upstream::client::{Lease, UpstreamError};
+use crate::upstream::conn::AppProtocol;
 use crate::upstream::Upstream;
 
 /// Forwards requests of one listener to its upstream. Shared by all of the
@@ -39,6 +40,9 @@ struct Forwarded {
     /// The length the client is promised, when the response has a body.
     promised: Option<u64>,
     lease: Lease,
+    endpoint: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+    protocol: AppProtocol,
 }
 
 impl Proxy {
@@ -143,7 +147,7 @@ impl Proxy {
         let resp = match self.forward(&up, req, &method).await {
             Ok(f) => {
                 let status = f.parts.status.as_u16();
-                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused = f.reused, elapsed_us = started.elapsed().as_micros() as u64, "request");
+                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused = f.reused, endpoint = %f.endpoint, local = %f.local, protocol = f.protocol.as_str(), elapsed_us = started.elapsed().as_micros() as u64, "request");
                 let record = path.map(|path| {
                     Box::new(AccessRecord {
                         listener: self.listener.clone(),
@@ -172,7 +176,7 @@ impl Proxy {
                     }
                     _ => {}
                 }
-                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status = e.status().as_u16(), error = %e, "request failed");
+                tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status = e.status().as_u16(), side = ?e.side(), error = %e, "request failed");
                 let resp = e.into_response(&up.cfg.name);
                 if let Some(path) = path {
                     let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
@@ -267,6 +271,9 @@ impl Proxy {
             reused: x.reused,
             promised,
             lease: x.lease,
+            endpoint: x.endpoint,
+            local: x.local,
+            protocol: x.protocol,
         })
     }
 }

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 
 use super::conn::{AppProtocol, ReqBody, UpConn};
 use super::connect::ConnectError;
-use super::pool::{Acquired, PoolError, Pooled};
+use super::pool::{Acquired, PoolError, Pooled, Reusable};
 use super::{InFlight, Upstream};
 use crate::config::HostHeader;
 use crate::http::body::Upload;
@@ -101,7 +101,6 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(c) => c.is_tls(),
             UpstreamError::TlsRejected { .. } => true,
-            UpstreamError::Send { source, .. } => super::tls::rustls_error(source).is_some(),
             _ => false,
         }
     }
@@ -399,21 +398,16 @@ impl Upstream {
                         timeout: self.cfg.body_timeout,
                     }));
                 }
+                // TLS ended the connection under this request (its I/O
+                // recorded why before the request was told).
                 if let Some(end) = conn.tls_end.clone() {
-                    // Did TLS end the connection under this request? Ask
-                    // its driver (it may still be finishing).
-                    let found = match super::tls::failure_of(e.error()) {
-                        Some(f) => Some(f),
-                        None => end.tls_reason(Duration::from_millis(200)).await,
-                    };
-                    if let Some((reason, detail)) = found {
+                    if let Some(&(reason, ref detail)) = end.reason() {
                         conn.discard();
-                        ep.record_tls_failure(reason);
                         return Err(fail(UpstreamError::TlsRejected {
                             endpoint: ep.addr,
                             server_name: end.server_name.clone(),
                             reason,
-                            detail,
+                            detail: detail.clone(),
                         }));
                     }
                 }
@@ -433,10 +427,7 @@ impl Upstream {
                 // A failed stream ends only itself, unless the connection is
                 // gone or refused it (a server going away): then no new
                 // streams go there.
-                if !shared
-                    || !super::pool::Reusable::is_usable(&*conn)
-                    || matches!(rule, Rule::OtherConnection(_))
-                {
+                if !shared || !conn.is_usable() || matches!(rule, Rule::OtherConnection(_)) {
                     conn.discard();
                 }
                 Err(Failure {

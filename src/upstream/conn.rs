@@ -44,42 +44,42 @@ pub struct UpConn {
     pub local: SocketAddr,
     /// `max_streams_per_connection`, when lower than the server's limit.
     pub max_streams: usize,
-    /// For TLS connections: how the connection ended, told by its driver.
-    pub tls_end: Option<Arc<ConnEnd>>,
+    /// For TLS connections: whether TLS ended it, and why.
+    pub tls_end: Option<Arc<TlsEnd>>,
 }
 
-/// Why a TLS connection ended, when TLS is the reason: a server that
-/// rejects our client certificate (or its absence) says so with an alert
-/// after the client's side of a TLS 1.3 handshake is done, so the request
-/// only sees its connection vanish.
-pub struct ConnEnd {
+/// Why TLS ended a connection after its handshake. A server rejects a
+/// missing or untrusted client certificate with an alert after the
+/// client's side of a TLS 1.3 handshake is done, so the request only sees
+/// its connection vanish (and h2 keeps only the text of the I/O error). The
+/// connection's I/O records the typed rustls error here the moment it
+/// sees it, before any request on the connection is told.
+pub struct TlsEnd {
     pub server_name: String,
     reason: std::sync::OnceLock<(&'static str, String)>,
-    done: tokio_util::sync::CancellationToken,
 }
 
-impl ConnEnd {
+impl TlsEnd {
     pub fn new(server_name: String) -> Self {
-        ConnEnd {
+        TlsEnd {
             server_name,
             reason: std::sync::OnceLock::new(),
-            done: tokio_util::sync::CancellationToken::new(),
         }
     }
 
-    /// Called by the driver task when the connection has ended.
-    pub fn ended(&self, e: Option<&hyper::Error>) {
-        if let Some(found) = e.and_then(|e| super::tls::failure_of(e)) {
-            let _ = self.reason.set(found);
-        }
-        self.done.cancel();
+    /// Records `e` if it is the first TLS error: returns its reason then.
+    pub fn record(&self, e: &std::io::Error) -> Option<&'static str> {
+        let r = super::tls::rustls_error(e)?;
+        let reason = super::tls::failure_reason(r);
+        self.reason
+            .set((reason, r.to_string()))
+            .ok()
+            .map(|()| reason)
     }
 
-    /// The TLS reason the connection ended with, waiting up to `wait` for
-    /// its driver to finish.
-    pub async fn tls_reason(&self, wait: std::time::Duration) -> Option<(&'static str, String)> {
-        let _ = tokio::time::timeout(wait, self.done.cancelled()).await;
-        self.reason.get().cloned()
+    /// The TLS reason the connection ended with, if TLS ended it.
+    pub fn reason(&self) -> Option<&(&'static str, String)> {
+        self.reason.get()
     }
 }
 

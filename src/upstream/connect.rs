@@ -5,18 +5,21 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
-use super::conn::{AppProtocol, ConnEnd, ReqBody, Sender, UpConn};
+use super::conn::{AppProtocol, ReqBody, Sender, TlsEnd, UpConn};
 use super::dialer::{DialError, Dialer};
 use super::pool::{Pooled, Slot};
 use super::tls::{self, TlsClient};
@@ -24,7 +27,7 @@ use super::Endpoint;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::stall::StallIo;
 
-type Io = StallIo<Either<TcpStream, TlsStream<TcpStream>>>;
+type Io = StallIo<Either<TcpStream, TlsWatch>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -114,7 +117,7 @@ impl Connector {
     /// error, or the deadline. The slot is released either way.
     pub async fn connect(
         &self,
-        ep: &Endpoint,
+        ep: &Arc<Endpoint>,
         slot: Slot<UpConn>,
     ) -> Result<Pooled<UpConn>, ConnectError> {
         let deadline = Instant::now() + self.connect_timeout;
@@ -180,8 +183,14 @@ impl Connector {
                     }
                     _ => AppProtocol::Http1,
                 };
-                tls_end = Some(Arc::new(ConnEnd::new(shown)));
-                (Either::Right(stream), protocol)
+                let end = Arc::new(TlsEnd::new(shown));
+                tls_end = Some(end.clone());
+                let watched = TlsWatch {
+                    inner: stream,
+                    end,
+                    ep: ep.clone(),
+                };
+                (Either::Right(watched), protocol)
             }
         };
         ep.connects.fetch_add(1, Ordering::Relaxed);
@@ -191,7 +200,6 @@ impl Connector {
         let weak = ep.pool.downgrade();
         let id = slot.id();
         let addr = ep.addr;
-        let end = tls_end.clone();
         let handshake = async {
             match protocol {
                 AppProtocol::Http1 => {
@@ -200,14 +208,10 @@ impl Connector {
                         .await?;
                     tokio::spawn(async move {
                         let _lease = lease;
-                        let r = conn.await;
-                        if let Err(e) = &r {
+                        if let Err(e) = conn.await {
                             tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream connection ended with an error");
                         }
                         weak.evict(id);
-                        if let Some(end) = end {
-                            end.ended(r.as_ref().err());
-                        }
                     });
                     Ok(Sender::H1(send))
                 }
@@ -233,13 +237,10 @@ impl Connector {
                             r
                         })
                         .await;
-                        if let Err(e) = &ended {
+                        if let Err(e) = ended {
                             tracing::debug!(endpoint = %addr, local = %local, error = %e, "upstream HTTP/2 connection ended with an error");
                         }
                         weak.evict(id);
-                        if let Some(end) = end {
-                            end.ended(ended.as_ref().err());
-                        }
                     });
                     Ok(Sender::H2(send, limit))
                 }
@@ -268,6 +269,57 @@ impl Connector {
             max_streams: self.max_streams,
             tls_end,
         }))
+    }
+}
+
+/// A TLS stream that records the first TLS error it carries (an alert
+/// after the handshake) in its [`TlsEnd`] and the endpoint's failure
+/// counts, while the error is still typed.
+pub struct TlsWatch {
+    inner: TlsStream<TcpStream>,
+    end: Arc<TlsEnd>,
+    ep: Arc<Endpoint>,
+}
+
+impl TlsWatch {
+    fn seen<T>(&self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r {
+            if let Some(reason) = self.end.record(e) {
+                self.ep.record_tls_failure(reason);
+            }
+        }
+        r
+    }
+}
+
+impl AsyncRead for TlsWatch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.seen(r)
+    }
+}
+
+impl AsyncWrite for TlsWatch {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.seen(r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.seen(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -100,6 +100,18 @@ fn certs(
     }
 }
 
+/// The system's CA certificates, read at most once per config check:
+/// several upstreams share one read of the store.
+#[derive(Default)]
+pub struct SystemRoots(std::sync::OnceLock<Vec<CertificateDer<'static>>>);
+
+impl SystemRoots {
+    fn get(&self) -> &[CertificateDer<'static>] {
+        self.0
+            .get_or_init(|| rustls_native_certs::load_native_certs().certs)
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -109,7 +121,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 ///
 /// # Errors
 /// Every problem found, each naming its key.
-pub fn build(s: &TlsSettings, alpn: &[&[u8]]) -> Result<TlsClient, Vec<TlsProblem>> {
+pub fn build(
+    s: &TlsSettings,
+    alpn: &[&[u8]],
+    system: &SystemRoots,
+) -> Result<TlsClient, Vec<TlsProblem>> {
     let mut problems = Vec::new();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
 
@@ -148,12 +164,11 @@ pub fn build(s: &TlsSettings, alpn: &[&[u8]]) -> Result<TlsClient, Vec<TlsProble
             }
         }
         None if !s.insecure_skip_verify => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
+            for c in system.get() {
                 c.as_ref().hash(&mut hasher);
                 // A system store may hold a certificate rustls cannot use;
                 // skipping it is what every TLS client does.
-                let _ = roots.add(c);
+                let _ = roots.add(c.clone());
             }
             if roots.is_empty() {
                 problems.push(problem(
@@ -269,58 +284,8 @@ pub fn failure_reason(e: &rustls::Error) -> &'static str {
 }
 
 /// The rustls error inside an I/O error, if that is what it is.
-pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<rustls::Error>() {
-            return Some(r);
-        }
-        // h2 keeps the I/O error it died of out of the source chain.
-        let io = err
-            .downcast_ref::<std::io::Error>()
-            .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
-        if let Some(inner) = io.and_then(std::io::Error::get_ref) {
-            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                return Some(r);
-            }
-        }
-        cur = err.source();
-    }
-    None
-}
-
-/// Why TLS failed, from anywhere in `e`'s chain: `(reason, detail)`.
-/// h2 keeps only the text of the I/O error its connection died of, so a
-/// rustls alert that arrives after the handshake is recognised by its text
-/// too.
-pub fn failure_of(e: &(dyn std::error::Error + 'static)) -> Option<(&'static str, String)> {
-    if let Some(r) = rustls_error(e) {
-        return Some((failure_reason(r), r.to_string()));
-    }
-    const ALERT: &str = "received fatal alert: ";
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let mut text = err.to_string();
-        if let Some(io) = err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io) {
-            text = io.to_string();
-        }
-        if let Some(at) = text.find(ALERT) {
-            let alert = &text[at + ALERT.len()..];
-            let reason = match alert.split_whitespace().next().unwrap_or("") {
-                "CertificateRequired" => "client-certificate-required",
-                "BadCertificate"
-                | "UnknownCA"
-                | "CertificateUnknown"
-                | "UnsupportedCertificate"
-                | "AccessDenied" => "client-certificate-rejected",
-                "HandshakeFailure" => "handshake-failure",
-                _ => "alert",
-            };
-            return Some((reason, text));
-        }
-        cur = err.source();
-    }
-    None
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// `insecure_skip_verify`: signatures are still checked (the handshake
