@@ -80,11 +80,6 @@ impl Proxy {
             .store(lc.body_timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// One response to a client, for the listener's metrics.
-    pub(crate) fn record(&self, status: u16, seconds: f64) {
-        self.stats.record(status, seconds);
-    }
-
     /// An upstream stopped sending its response body.
     pub(crate) fn count_upstream_stall(&self) {
         self.stats.upstream_stalls.inc();
@@ -136,9 +131,9 @@ impl Proxy {
     /// Takes the `Arc` the service already cloned for this request, so the
     /// response body can count a stall without a clone of its own.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
-        let started = tokio::time::Instant::now();
         let method = req.method().clone();
         let up = self.upstream();
+        let started = tokio::time::Instant::now();
         // Only an access log pays for a copy of the path.
         let path = self
             .access_log
@@ -194,6 +189,8 @@ impl Proxy {
                 resp
             }
         };
+        self.stats
+            .record(resp.status().as_u16(), started.elapsed().as_secs_f64());
         resp
     }
 

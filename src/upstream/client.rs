@@ -121,9 +121,6 @@ enum Rule {
 struct Failure {
     error: UpstreamError,
     rule: Rule,
-    /// The request to send again, when the rule allows it and it could be
-    /// had (not written at all, or a copy of a body in memory).
-    again: Option<Request<ReqBody>>,
 }
 
 /// How a retry is to be made.
@@ -141,8 +138,9 @@ struct Budget {
     resend: bool,
 }
 
-/// One place for every retry decision.
-fn decide(f: &Failure, b: &mut Budget, up: &Upstream) -> Option<Next> {
+/// One place for every retry decision. `have_request`: the request can be
+/// sent again (it was not written at all, or a copy of it is in memory).
+fn decide(f: &Failure, have_request: bool, b: &mut Budget, up: &Upstream) -> Option<Next> {
     match f.rule {
         Rule::Never => None,
         Rule::OtherEndpoint => {
@@ -154,11 +152,11 @@ fn decide(f: &Failure, b: &mut Budget, up: &Upstream) -> Option<Next> {
                 Next::Endpoint
             })
         }
-        Rule::FreshConnection if b.resend && f.again.is_some() => {
+        Rule::FreshConnection if b.resend && have_request => {
             b.resend = false;
             Some(Next::Fresh)
         }
-        Rule::OtherConnection(id) if b.resend && f.again.is_some() => {
+        Rule::OtherConnection(id) if b.resend && have_request => {
             b.resend = false;
             Some(Next::Avoiding(id))
         }
@@ -179,11 +177,11 @@ pub struct Exchange {
 }
 
 /// See [`Exchange::lease`]. Empty for HTTP/1, whose connection goes back
-/// to the pool by itself once hyper has read the body.
+/// to the pool by itself once hyper has read the body; boxed for HTTP/2,
+/// so that every response body is not made larger by it.
 #[derive(Default)]
 pub struct Lease {
-    _in_flight: Option<InFlight>,
-    _stream: Option<Pooled<UpConn>>,
+    _held: Option<Box<(InFlight, Pooled<UpConn>)>>,
 }
 
 /// RFC 9110 §9.2.2: safe to repeat.
@@ -229,27 +227,41 @@ impl Upstream {
     /// # Errors
     /// [`UpstreamError`]; its [`side`](UpstreamError::side) says whose
     /// fault it was.
-    pub async fn send(self: &Arc<Self>, req: Request<ReqBody>) -> Result<Exchange, UpstreamError> {
+    /// Not an `async fn`: its argument would stay in the future beside
+    /// the slot it moves into.
+    pub fn send(
+        self: &Arc<Self>,
+        req: Request<ReqBody>,
+    ) -> impl std::future::Future<Output = Result<Exchange, UpstreamError>> + Send + '_ {
         let watch = req.body().watch();
-        let mut req = Some(req);
+        // The one place the request lives: an attempt takes it when it
+        // sends, and leaves here what may be sent again. One copy in the
+        // request's future, however many attempts.
+        let slot = Some(req);
+        self.send_from(slot, watch)
+    }
+
+    async fn send_from(
+        &self,
+        mut slot: Option<Request<ReqBody>>,
+        watch: Option<Arc<crate::http::body::Watch>>,
+    ) -> Result<Exchange, UpstreamError> {
         let mut budget = Budget {
             dials: None,
             resend: true,
         };
         let mut next: Option<Next> = None;
         loop {
-            let r = req.take().expect("a request is present at each attempt");
-            let failure = match self.attempt(r, next.take(), watch.as_deref()).await {
+            let failure = match self.attempt(&mut slot, next.take(), watch.as_deref()).await {
                 Ok(x) => return Ok(x),
                 Err(f) => f,
             };
-            match decide(&failure, &mut budget, self) {
+            match decide(&failure, slot.is_some(), &mut budget, self) {
                 Some(n) => {
                     tracing::debug!(upstream = %self.cfg.name, error = %failure.error, "retrying");
                     if !matches!(n, Next::Endpoint) {
                         self.retries.fetch_add(1, Ordering::Relaxed);
                     }
-                    req = failure.again;
                     next = Some(n);
                 }
                 None => return Err(failure.error),
@@ -257,16 +269,17 @@ impl Upstream {
         }
     }
 
+    /// One try: the request is in `slot` and stays there until it is
+    /// sent (a failed dial leaves it for the next endpoint).
     async fn attempt(
         &self,
-        mut r: Request<ReqBody>,
+        slot: &mut Option<Request<ReqBody>>,
         how: Option<Next>,
         watch: Option<&crate::http::body::Watch>,
     ) -> Result<Exchange, Failure> {
         let fail = |error: UpstreamError| Failure {
             error,
             rule: Rule::Never,
-            again: None,
         };
         let in_flight = self.pick().ok_or_else(|| fail(UpstreamError::NoEndpoint))?;
         let ep = in_flight.endpoint().clone();
@@ -294,11 +307,13 @@ impl Upstream {
                     return Err(Failure {
                         error: e.into(),
                         rule: Rule::OtherEndpoint,
-                        again: Some(r),
                     });
                 }
             },
         };
+        // `send` only calls with a request in the slot (`decide` retries
+        // only then), and nothing before this point takes it.
+        let mut r = slot.take().expect("the request is in the slot");
         let protocol = conn.protocol();
         let fixed = match &self.cfg.host_header {
             HostHeader::Keep => None,
@@ -317,24 +332,26 @@ impl Upstream {
         // A copy only when this attempt may be replayed: a reused HTTP/1
         // connection and an idempotent request, or any HTTP/2 stream (a
         // refused one was not processed), with the body in memory.
-        let replay = match protocol {
+        *slot = match protocol {
             AppProtocol::Http1 if reused && first_try && replayable => copy(&r),
             AppProtocol::Http2 if first_try => copy(&r),
             _ => None,
         };
         let timeout = self.cfg.request_timeout;
+        // Pinned once for both paths, so the request's future holds one
+        // send future, not one per path.
         let send = conn.send(r);
+        tokio::pin!(send);
         // `request_timeout` runs from the request fully sent to the
         // response head: a long upload that keeps moving is not late (its
         // stalls are `body_timeout`'s business).
         let sent = match watch {
-            None => tokio::time::timeout(timeout, send).await,
+            None => tokio::time::timeout(timeout, &mut send).await,
             Some(w) => {
-                tokio::pin!(send);
                 tokio::select! {
                     biased;
                     r = &mut send => Ok(r),
-                    _ = w.finished() => tokio::time::timeout(timeout, send).await,
+                    _ = w.finished() => tokio::time::timeout(timeout, &mut send).await,
                 }
             }
         };
@@ -363,8 +380,7 @@ impl Upstream {
                         Lease::default()
                     }
                     AppProtocol::Http2 => Lease {
-                        _in_flight: Some(in_flight),
-                        _stream: Some(conn),
+                        _held: Some(Box::new((in_flight, conn))),
                     },
                 };
                 Ok(Exchange {
@@ -411,19 +427,23 @@ impl Upstream {
                         }));
                     }
                 }
-                let (rule, again) = if shared {
+                let rule = if shared {
                     if refused(e.error(), replayable) {
-                        (Rule::OtherConnection(id), e.take_message().or(replay))
+                        Rule::OtherConnection(id)
                     } else {
-                        (Rule::Never, None)
+                        Rule::Never
                     }
                 } else if reused && first_try {
-                    // Not written at all: always safe to send again.
-                    // Possibly written: only the copy.
-                    (Rule::FreshConnection, e.take_message().or(replay))
+                    Rule::FreshConnection
                 } else {
-                    (Rule::Never, None)
+                    Rule::Never
                 };
+                // Not written at all: always safe to send again, and better
+                // than the copy. Possibly written: only the copy (already
+                // in the slot).
+                if let Some(unsent) = e.take_message() {
+                    *slot = Some(unsent);
+                }
                 // A failed stream ends only itself, unless the connection is
                 // gone or refused it (a server going away): then no new
                 // streams go there.
@@ -437,7 +457,6 @@ impl Upstream {
                         source: e.into_error(),
                     },
                     rule,
-                    again,
                 })
             }
         }
