@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Comparative load benchmark, run by hand (not by CI):
-#   loopmux vs HAProxy (http-reuse always, maxconn 8) vs nginx (keepalive 8)
+#   loopmux vs HAProxy (http-reuse always, maxconn 8; nbthread 2 as
+#   "haproxy", 1 as "haproxy1") vs nginx (keepalive 8; 2 workers as "nginx",
+#   1 as "nginx1")
 # in front of the same local nginx origin, each driven by the same load:
 # a new client connection per request (wrk -H 'Connection: close'),
 # 16 concurrent, interleaved over several rounds. Loopback only.
@@ -89,16 +91,25 @@ http {
 }
 CONF
 
+# Each peer at each reasonable thread setting for this machine, so the
+# comparison can be read against the peer's best one: HAProxy nbthread 1
+# and 2, nginx 1 and 2 workers.
+sed -e 's/nbthread 2/nbthread 1/' -e 's/127.0.0.1:19201/127.0.0.1:19204/' "$WORK/haproxy.cfg" > "$WORK/haproxy1.cfg"
+sed -e 's/worker_processes 2/worker_processes 1/' -e 's/127.0.0.1:19202/127.0.0.1:19205/' \
+    -e "s|$WORK/nginx.pid|$WORK/nginx1.pid|" "$WORK/nginx.conf" > "$WORK/nginx1.conf"
+
 nginx -c "$WORK/origin.conf" -e "$WORK/origin.err" & PIDS+=($!)
 "$BIN" run --config "$WORK/loopmux.toml" 2>"$WORK/loopmux.log" & PIDS+=($!); LMX=$!
-NAMES="loopmux haproxy nginx"
+NAMES="loopmux haproxy haproxy1 nginx nginx1"
 if [ -n "${BASELINE:-}" ]; then
     sed 's/127.0.0.1:19200/127.0.0.1:19203/' "$WORK/loopmux.toml" > "$WORK/baseline.toml"
     "$BASELINE" run --config "$WORK/baseline.toml" 2>"$WORK/baseline.log" & PIDS+=($!); BASE=$!
-    NAMES="loopmux baseline haproxy nginx"
+    NAMES="loopmux baseline haproxy haproxy1 nginx nginx1"
 fi
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!); HAP=$!
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & PIDS+=($!); NGX=$!
+haproxy -f "$WORK/haproxy1.cfg" -db >"$WORK/haproxy1.log" 2>&1 & PIDS+=($!); HAP1=$!
+nginx -c "$WORK/nginx1.conf" -e "$WORK/nginx1.err" & PIDS+=($!); NGX1=$!
 sleep 1
 
 accepts() { curl -s "http://$STATUS/" | awk 'NR==3 {print $1}'; }
@@ -113,8 +124,8 @@ ticks() {
 }
 HZ=$(getconf CLK_TCK)
 
-declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202 [baseline]=19203)
-declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX [baseline]=${BASE:-0})
+declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202 [baseline]=19203 [haproxy1]=19204 [nginx1]=19205)
+declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX [baseline]=${BASE:-0} [haproxy1]=$HAP1 [nginx1]=$NGX1)
 RESULTS="$WORK/results"
 : > "$RESULTS"
 for name in $NAMES; do   # warm-up, not counted
