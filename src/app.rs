@@ -13,8 +13,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::config::{Config, ListenerConfig};
+use crate::forward::Forward;
 use crate::http::proxy::Proxy;
-use crate::http::HttpServer;
+use crate::http::{Drain, HttpServer};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::state::{ListenerInfo, Shared};
@@ -71,6 +72,8 @@ struct Running {
     /// Tracks this listener's client connections, for its drain. The one
     /// other reference is held by the accept loop while it runs.
     graceful: Arc<GracefulShutdown>,
+    /// The drain as forward connections (and their tunnels) watch it.
+    drain: Drain,
     /// Stops the current accept loop (a reload starts a new one).
     accepting: CancellationToken,
     accept: Option<JoinHandle<()>>,
@@ -93,13 +96,20 @@ impl Running {
         // Close the listening socket now: new clients are refused at once
         // (and fail over) instead of waiting in a backlog nobody reads.
         let Running {
-            socket, graceful, ..
+            socket,
+            graceful,
+            drain: signals,
+            ..
         } = self;
         drop(socket);
-        match Arc::try_unwrap(graceful) {
+        signals.begun.cancel();
+        let clean = match Arc::try_unwrap(graceful) {
             Ok(g) => tokio::time::timeout(drain, g.shutdown()).await.is_ok(),
             Err(_) => false,
-        }
+        };
+        // Tunnels still open are cut now.
+        signals.deadline.cancel();
+        clean
     }
 }
 
@@ -177,7 +187,8 @@ impl App {
         };
         for (index, (lc, std_l)) in cfg.listeners.iter().zip(bound.listeners).enumerate() {
             let (socket, addr) = register(listener_key(index, lc), std_l)?;
-            let mut r = app.running(lc, socket, addr, upstreams[lc.upstream].clone());
+            let up = lc.upstream.map(|i| upstreams[i].clone());
+            let mut r = app.running(lc, Arc::new(socket), addr, up);
             app.spawn_accept(&mut r).await;
             app.listeners.push(r);
         }
@@ -189,17 +200,22 @@ impl App {
     fn running(
         &self,
         lc: &ListenerConfig,
-        socket: TcpListener,
+        socket: Arc<TcpListener>,
         addr: SocketAddr,
-        up: Arc<Upstream>,
+        up: Option<Arc<Upstream>>,
     ) -> Running {
+        let forward = lc
+            .forward
+            .is_some()
+            .then(|| Forward::new(lc, addr, self.metrics.forward(&lc.name)));
         Running {
             cfg: lc.clone(),
-            socket: Arc::new(socket),
+            socket,
             addr,
-            proxy: Arc::new(Proxy::new(lc, up, self.metrics.listener(&lc.name))),
+            proxy: Arc::new(Proxy::new(lc, up, forward, self.metrics.listener(&lc.name))),
             limit: Arc::new(listener::ClientLimit::new(lc.max_clients)),
             graceful: Arc::new(GracefulShutdown::new()),
+            drain: Drain::default(),
             accepting: CancellationToken::new(),
             accept: None,
         }
@@ -211,9 +227,17 @@ impl App {
     async fn spawn_accept(&self, r: &mut Running) {
         r.stop_accepting().await;
         r.accepting = CancellationToken::new();
-        let up = r.proxy.upstream();
-        tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
-        let server = Arc::new(HttpServer::new(&r.cfg, r.proxy.clone()));
+        match (r.proxy.upstream(), r.proxy.forward_routing()) {
+            (Some(up), _) => {
+                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
+            }
+            (None, Some(f)) => {
+                let c = f.config();
+                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "forward", allow_rules = c.allow.len(), max_origins = c.max_origins, max_connections_per_origin = c.origin.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
+            }
+            (None, None) => {}
+        }
+        let server = Arc::new(HttpServer::new(&r.cfg, r.proxy.clone(), r.drain.clone()));
         r.accept = Some(tokio::spawn(listener::accept_loop(
             r.socket.clone(),
             r.cfg.name.clone(),
@@ -232,12 +256,21 @@ impl App {
             .map(|r| ListenerInfo {
                 name: r.cfg.name.clone(),
                 bind: r.addr,
-                mode: "http",
-                upstream: r.proxy.upstream().cfg.name.clone(),
+                mode: r.cfg.mode.as_str(),
+                upstream: r
+                    .proxy
+                    .upstream()
+                    .map(|u| u.cfg.name.clone())
+                    .unwrap_or_default(),
                 client_keepalive: r.cfg.client_keepalive,
             })
             .collect();
-        self.shared.publish(upstreams, infos);
+        let forwards = self
+            .listeners
+            .iter()
+            .filter_map(|r| r.proxy.forward_routing().cloned())
+            .collect();
+        self.shared.publish(upstreams, infos, forwards);
     }
 
     /// Where each listener is bound, in config order (port 0 resolved).
@@ -306,8 +339,13 @@ impl App {
         let mut old = std::mem::take(&mut self.listeners);
         let mut next = Vec::with_capacity(cfg.listeners.len());
         for (i, lc) in cfg.listeners.iter().enumerate() {
-            let up = upstreams[lc.upstream].clone();
-            let mut r = match old.iter().position(|r| same(&r.cfg, lc)) {
+            let up = lc.upstream.map(|i| upstreams[i].clone());
+            // A listener that changes mode is a new listener on the same
+            // socket: its routing is built anew.
+            let pos = old
+                .iter()
+                .position(|r| same(&r.cfg, lc) && r.cfg.mode == lc.mode);
+            let mut r = match pos {
                 Some(pos) => {
                     let mut r = old.swap_remove(pos);
                     r.proxy.reconfigure(up, lc);
@@ -315,10 +353,21 @@ impl App {
                     r.cfg = lc.clone();
                     r
                 }
-                None => {
-                    let (socket, addr) = fresh_sockets.remove(&i).expect("bound above");
-                    self.running(lc, socket, addr, up)
-                }
+                None => match old.iter().position(|r| same(&r.cfg, lc)) {
+                    Some(pos) => {
+                        // Same socket, new mode: the old routing drains.
+                        let prev = old.swap_remove(pos);
+                        let mut r = self.running(lc, prev.socket.clone(), prev.addr, up);
+                        r.limit = prev.limit.clone();
+                        r.limit.resize(lc.max_clients);
+                        self.retired.spawn(prev.drain(cfg.drain_timeout));
+                        r
+                    }
+                    None => {
+                        let (socket, addr) = fresh_sockets.remove(&i).expect("bound above");
+                        self.running(lc, Arc::new(socket), addr, up)
+                    }
+                },
             };
             self.spawn_accept(&mut r).await;
             next.push(r);

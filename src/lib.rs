@@ -4,9 +4,11 @@
 //! See `DESIGN.md` in the shared folder for the contract between modules.
 
 pub mod admin;
+pub mod allow;
 pub mod app;
 pub mod config;
 pub mod diagnose;
+pub mod forward;
 pub mod http;
 pub mod listener;
 pub mod metrics;

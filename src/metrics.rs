@@ -31,6 +31,31 @@ pub struct Metrics {
     stalls: Family<Labels, Counter>,
     responses: Family<Labels, Counter>,
     duration: Family<Labels, Histogram, fn() -> Histogram>,
+    fwd_origins: Family<Labels, Gauge>,
+    fwd_refused: Family<Labels, Counter>,
+    fwd_tunnels: Family<Labels, Counter>,
+    fwd_tunnels_active: Family<Labels, Gauge>,
+    fwd_tunnel_failures: Family<Labels, Counter>,
+    fwd_tunnel_bytes: Family<Labels, Counter>,
+}
+
+/// A forward listener's own handles.
+#[derive(Clone)]
+pub struct ForwardStats {
+    /// Origins with pools now.
+    pub origins: Gauge,
+    /// Requests and CONNECTs refused by the allow list…
+    pub denied: Counter,
+    /// … and because they would loop back into the proxy.
+    pub loops: Counter,
+    /// CONNECT tunnels opened (upstream dialed).
+    pub tunnels: Counter,
+    pub tunnels_active: Gauge,
+    /// CONNECTs whose dial failed, and tunnels that ended in an error.
+    pub tunnel_failures: Counter,
+    /// Bytes the tunnels carried toward the upstream and toward the client.
+    pub tunnel_bytes_upstream: Counter,
+    pub tunnel_bytes_client: Counter,
 }
 
 /// One listener's handles: cloned `Arc`s, so recording is an atomic op.
@@ -71,6 +96,12 @@ impl Metrics {
             stalls: Family::default(),
             responses: Family::default(),
             duration: Family::new_with_constructor(new_histogram),
+            fwd_origins: Family::default(),
+            fwd_refused: Family::default(),
+            fwd_tunnels: Family::default(),
+            fwd_tunnels_active: Family::default(),
+            fwd_tunnel_failures: Family::default(),
+            fwd_tunnel_bytes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("loopmux");
         r.register(
@@ -108,8 +139,69 @@ impl Metrics {
             "Time from request head to response head",
             m.duration.clone(),
         );
+        r.register(
+            "forward_origins",
+            "Origins a forward listener has pools for now",
+            m.fwd_origins.clone(),
+        );
+        r.register(
+            "forward_refused",
+            "Forward requests and CONNECTs refused, by reason (denied: the allow list; loop: the proxy's own address)",
+            m.fwd_refused.clone(),
+        );
+        r.register(
+            "forward_tunnels",
+            "CONNECT tunnels opened",
+            m.fwd_tunnels.clone(),
+        );
+        r.register(
+            "forward_tunnels_active",
+            "CONNECT tunnels open now",
+            m.fwd_tunnels_active.clone(),
+        );
+        r.register(
+            "forward_tunnel_failures",
+            "CONNECTs that could not be dialed, and tunnels that ended in an error",
+            m.fwd_tunnel_failures.clone(),
+        );
+        r.register(
+            "forward_tunnel_bytes",
+            "Bytes carried by CONNECT tunnels, by direction (upstream: from the client to the origin)",
+            m.fwd_tunnel_bytes.clone(),
+        );
         r.register_collector(Box::new(UpstreamCollector { shared }));
         m
+    }
+
+    pub fn forward(&self, name: &str) -> ForwardStats {
+        let l: Labels = vec![("listener", name.to_string())];
+        let with = |k: &'static str, v: &str| {
+            let mut l = l.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        ForwardStats {
+            origins: self.fwd_origins.get_or_create(&l).clone(),
+            denied: self
+                .fwd_refused
+                .get_or_create(&with("reason", "denied"))
+                .clone(),
+            loops: self
+                .fwd_refused
+                .get_or_create(&with("reason", "loop"))
+                .clone(),
+            tunnels: self.fwd_tunnels.get_or_create(&l).clone(),
+            tunnels_active: self.fwd_tunnels_active.get_or_create(&l).clone(),
+            tunnel_failures: self.fwd_tunnel_failures.get_or_create(&l).clone(),
+            tunnel_bytes_upstream: self
+                .fwd_tunnel_bytes
+                .get_or_create(&with("direction", "upstream"))
+                .clone(),
+            tunnel_bytes_client: self
+                .fwd_tunnel_bytes
+                .get_or_create(&with("direction", "client"))
+                .clone(),
+        }
     }
 
     pub fn listener(&self, name: &str) -> ListenerStats {
@@ -192,7 +284,7 @@ impl prometheus_client::collector::Collector for UpstreamCollector {
         let mut h2_streams = Vec::new();
         let mut tls_handshakes = Vec::new();
         let mut tls_failures = Vec::new();
-        for up in self.shared.upstreams().iter() {
+        for up in self.shared.all_upstreams().iter() {
             let u = up.cfg.name.clone();
             retries.push(Sample {
                 labels: vec![("upstream", u.clone())],

@@ -15,6 +15,8 @@ pub struct ListenerInfo {
     pub name: String,
     pub bind: SocketAddr,
     pub mode: &'static str,
+    /// The upstream (mode http); empty for forward listeners, whose
+    /// origins are listed among the upstreams as `http://host:port`.
     pub upstream: String,
     pub client_keepalive: bool,
 }
@@ -23,6 +25,7 @@ pub struct ListenerInfo {
 pub struct Shared {
     upstreams: RwLock<Arc<Vec<Arc<Upstream>>>>,
     listeners: RwLock<Arc<Vec<ListenerInfo>>>,
+    forwards: RwLock<Arc<Vec<Arc<crate::forward::Forward>>>>,
     ready: AtomicBool,
     generation: AtomicU64,
 }
@@ -50,8 +53,28 @@ impl Shared {
             .clone()
     }
 
+    /// The configured upstreams, then the origins of forward listeners.
+    pub fn all_upstreams(&self) -> Vec<Arc<Upstream>> {
+        let mut all = self.upstreams().to_vec();
+        for f in self
+            .forwards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            all.extend(f.origin_upstreams());
+        }
+        all
+    }
+
     /// Publishes a new config generation.
-    pub fn publish(&self, upstreams: Vec<Arc<Upstream>>, listeners: Vec<ListenerInfo>) {
+    pub fn publish(
+        &self,
+        upstreams: Vec<Arc<Upstream>>,
+        listeners: Vec<ListenerInfo>,
+        forwards: Vec<Arc<crate::forward::Forward>>,
+    ) {
+        *self.forwards.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(forwards);
         *self.upstreams.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(upstreams);
         *self.listeners.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(listeners);
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -73,7 +96,7 @@ impl Shared {
     pub fn status_json(&self) -> serde_json::Value {
         use std::sync::atomic::Ordering::Relaxed;
         let upstreams: Vec<_> = self
-            .upstreams()
+            .all_upstreams()
             .iter()
             .map(|u| {
                 let endpoints: Vec<_> = u

@@ -9,8 +9,8 @@ use std::path::Path;
 
 pub use raw::RawConfig;
 pub use validate::{
-    defaults, parse_endpoint, validate, AdminConfig, Config, EndpointAddr, HostHeader,
-    ListenerConfig, Mode, Problem, Protocol, UpstreamConfig,
+    defaults, parse_endpoint, validate, AdminConfig, Config, EndpointAddr, ForwardConfig,
+    HostHeader, ListenerConfig, Mode, Problem, Protocol, UpstreamConfig,
 };
 
 /// Why a config could not be used.

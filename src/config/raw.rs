@@ -193,6 +193,9 @@ pub struct RawConfig {
     pub upstreams: Vec<RawUpstream>,
     pub serve: Option<RawServe>,
     pub process: Option<RawProcess>,
+    /// Pool settings for the origins of forward listeners: an upstream
+    /// without name, endpoints or Host (each request names its origin).
+    pub forward_defaults: Option<RawUpstream>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -231,6 +234,9 @@ pub struct RawListener {
     pub access_log: Field<bool>,
     pub request_buffer_bytes: Field<usize>,
     pub body_timeout: Field<String>,
+    pub max_origins: Field<usize>,
+    pub originate_tls: Field<Vec<String>>,
+    pub via: Field<bool>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -302,3 +302,97 @@ fn quoted_keys_with_brackets_are_refused_not_expanded() {
     let e = problems(&format!("{MINIMAL}\"a.b\" = 1\n"));
     assert!(e.contains("is not a valid key name"), "{e}");
 }
+
+const FORWARD: &str = r#"
+[[listener]]
+name = "f"
+bind = "127.0.0.1:18081"
+mode = "forward"
+allow = ["api.example.com:80", "*.partner.net:443", "198.18.0.0/15:*"]
+"#;
+
+#[test]
+fn a_forward_listener_needs_no_upstream_and_gets_template_defaults() {
+    let c = load(FORWARD).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.mode, Mode::Forward);
+    assert_eq!(l.upstream, None);
+    let f = l.forward.as_ref().unwrap();
+    assert_eq!(f.allow.len(), 3);
+    assert_eq!(f.max_origins, defaults::MAX_ORIGINS);
+    assert!(!f.via);
+    assert_eq!(f.origin.max_connections, defaults::MAX_CONNECTIONS);
+    assert!(f.origin.tls.is_none());
+}
+
+#[test]
+fn forward_defaults_set_the_origin_pools() {
+    let c = load(&format!(
+        "{FORWARD}\n[forward_defaults]\nmax_connections = 2\nidle_timeout = \"5s\"\n"
+    ))
+    .unwrap();
+    let f = c.listeners[0].forward.as_ref().unwrap();
+    assert_eq!(f.origin.max_connections, 2);
+    assert_eq!(f.origin.idle_timeout, std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn forward_mistakes_are_named() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "\n[forward_defaults]\nendpoints = [\"a:1\"]\n",
+            "forward_defaults.endpoints: is not used here",
+        ),
+        (
+            "\n[forward_defaults]\nmax_connections = 0\n",
+            "forward_defaults.max_connections",
+        ),
+        (
+            "\n[forward_defaults]\ntls = { server_name = \"x\" }\n",
+            "forward_defaults.tls.server_name",
+        ),
+    ];
+    for (extra, want) in cases {
+        let e = problems(&format!("{FORWARD}{extra}"));
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let listener_cases: &[(&str, &str, &str)] = &[
+        ("allow = [", "allow = [\"nope\", ", "listener[0].allow[0]"),
+        (
+            "mode = \"forward\"\n",
+            "mode = \"forward\"\nupstream = \"u\"\n",
+            "listener[0].upstream: does not apply",
+        ),
+        (
+            "mode = \"forward\"\n",
+            "mode = \"forward\"\nmax_origins = 0\n",
+            "listener[0].max_origins",
+        ),
+        (
+            "mode = \"forward\"\n",
+            "mode = \"forward\"\noriginate_tls = [\"a.b\"]\n",
+            "listener[0].originate_tls[0]",
+        ),
+    ];
+    for (from, to, want) in listener_cases {
+        let e = problems(&FORWARD.replace(from, to));
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let e = problems(&FORWARD.replace(
+        "allow = [\"api.example.com:80\", \"*.partner.net:443\", \"198.18.0.0/15:*\"]",
+        "allow = []",
+    ));
+    assert!(e.contains("listener[0].allow: is required"), "{e}");
+    let e = problems(
+        &FORWARD
+            .replace("allow = [", "x = 1\nallow = [")
+            .replace("mode = \"forward\"", "mode = \"forward\"\nvia = \"yes\""),
+    );
+    assert!(e.contains("listener[0].via: expected true or false"), "{e}");
+    // Forward-only keys on an http listener.
+    let e = problems(&MINIMAL.replace(
+        "upstream = \"u\"\n",
+        "upstream = \"u\"\nallow = [\"a.b:1\"]\n",
+    ));
+    assert!(e.contains("listener[0].allow: only applies"), "{e}");
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use super::raw::{Field, RawConfig, RawListener, RawUpstream, RawUpstreamTls};
+use crate::allow::AllowList;
 use crate::upstream::tls::{SystemRoots, TlsClient, TlsSettings};
 
 /// One thing wrong with a config, tied to the key that holds it.
@@ -43,6 +44,34 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Http,
+    /// An HTTP proxy for apps with `HTTP_PROXY`: absolute-form requests
+    /// over per-origin pools, `CONNECT` as raw tunnels.
+    Forward,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Forward => "forward",
+        }
+    }
+}
+
+/// What a forward listener may reach and how its origins are pooled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    pub allow: AllowList,
+    /// `http://` requests to these go over TLS (port 80 becomes 443).
+    pub originate_tls: AllowList,
+    /// Origins with pools at once; beyond, the least recently used idle
+    /// one is dropped.
+    pub max_origins: usize,
+    /// Add `Via: 1.1 loopmux` to requests and responses.
+    pub via: bool,
+    /// The template every origin's pool settings come from
+    /// (`[forward_defaults]`); its name and endpoints are unused.
+    pub origin: UpstreamConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +79,10 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
     pub mode: Mode,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
+    /// Index into [`Config::upstreams`] (mode `http`).
+    pub upstream: Option<usize>,
+    /// Mode `forward`.
+    pub forward: Option<Box<ForwardConfig>>,
     pub client_keepalive: bool,
     pub header_timeout: Duration,
     pub max_clients: usize,
@@ -158,6 +189,9 @@ pub mod defaults {
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     pub const MAX_CLIENTS: usize = 10_000;
     pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+    /// A host's apps call tens of services, not thousands; past this an
+    /// app is crawling, and idle origins make room.
+    pub const MAX_ORIGINS: usize = 256;
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     /// Covers the JSON and form bodies of typical API calls, so a slow
     /// uploader of one holds no upstream connection; worst case
@@ -187,6 +221,7 @@ mod limits {
     pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
     pub const REQUEST_BUFFER_BYTES: usize = 16 * 1024 * 1024;
     pub const STREAMS: usize = 1_000_000;
+    pub const MAX_ORIGINS: usize = 100_000;
     /// RFC 9113 §6.9.1: a window is at most 2^31 - 1.
     pub const WINDOW_BYTES: usize = (1 << 31) - 1;
 }
@@ -381,7 +416,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
     let mut names = HashSet::new();
     for (i, u) in raw.upstreams.iter().enumerate() {
-        if let Some(up) = upstream(&mut c, i, u, &egress_sources) {
+        if let Some(up) = upstream(&mut c, Table::Upstream(i), u, &egress_sources) {
             if !names.insert(up.name.clone()) {
                 c.fail(
                     format!("upstream[{i}].name"),
@@ -391,6 +426,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             upstreams.push(up);
         }
     }
+
+    // Always checked when written, even with no forward listener yet: a
+    // mistake there should not wait for the listener that uses it.
+    let forward_template = upstream(
+        &mut c,
+        Table::ForwardDefaults,
+        raw.forward_defaults
+            .as_ref()
+            .unwrap_or(&RawUpstream::default()),
+        &egress_sources,
+    );
 
     if raw.listeners.is_empty() {
         // Nothing would be served: for `run` a dead process that looks
@@ -404,7 +450,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut lnames = HashSet::new();
     let mut binds = HashSet::new();
     for (i, l) in raw.listeners.iter().enumerate() {
-        if let Some(lc) = listener(&mut c, i, l, &upstreams) {
+        if let Some(lc) = listener(&mut c, i, l, &upstreams, forward_template.as_ref()) {
             if !lnames.insert(lc.name.clone()) {
                 c.fail(
                     format!("listener[{i}].name"),
@@ -456,18 +502,57 @@ fn required<'a>(c: &mut Checker, key: String, f: &'a Field<String>) -> Option<&'
     }
 }
 
+/// Which table an upstream's keys come from.
+#[derive(Clone, Copy)]
+enum Table {
+    /// `[[upstream]]` number i.
+    Upstream(usize),
+    /// `[forward_defaults]`: no name, endpoints or Host of its own.
+    ForwardDefaults,
+}
+
+impl Table {
+    fn key(self, field: &str) -> String {
+        match self {
+            Table::Upstream(i) => format!("upstream[{i}].{field}"),
+            Table::ForwardDefaults => format!("forward_defaults.{field}"),
+        }
+    }
+}
+
 fn upstream(
     c: &mut Checker,
-    i: usize,
+    table: Table,
     u: &RawUpstream,
     egress: &[IpAddr],
 ) -> Option<UpstreamConfig> {
-    let k = |field: &str| format!("upstream[{i}].{field}");
-    let name = required(c, k("name"), &u.name)?.to_string();
+    let k = |field: &str| table.key(field);
+    let template = matches!(table, Table::ForwardDefaults);
+    let name = if template {
+        for (field, given) in [
+            ("name", u.name != Field::Missing),
+            ("endpoints", u.endpoints != Field::Missing),
+            ("host_header", u.host_header != Field::Missing),
+        ] {
+            if given {
+                c.fail(
+                    k(field),
+                    "is not used here: a forward listener takes each request's origin (and Host) from the request",
+                );
+            }
+        }
+        "forward".to_string()
+    } else {
+        required(c, k("name"), &u.name)?.to_string()
+    };
 
     let no_endpoints = Vec::new();
-    let raw_endpoints = c.get(k("endpoints"), &u.endpoints).unwrap_or(&no_endpoints);
-    if raw_endpoints.is_empty() {
+    let raw_endpoints = if template {
+        &no_endpoints
+    } else {
+        c.get(k("endpoints"), &u.endpoints).unwrap_or(&no_endpoints)
+    };
+    if raw_endpoints.is_empty() && !template {
         c.fail(k("endpoints"), "needs at least one host:port");
     }
     let mut endpoints = Vec::with_capacity(raw_endpoints.len());
@@ -494,15 +579,22 @@ fn upstream(
             Protocol::Http1
         }
     };
-    let tls = u.tls.as_ref().and_then(|t| upstream_tls(c, i, t, protocol));
-    if protocol == Protocol::Auto && u.tls.is_none() {
+    let tls = u
+        .tls
+        .as_ref()
+        .and_then(|t| upstream_tls(c, table, t, protocol));
+    if protocol == Protocol::Auto && u.tls.is_none() && !template {
         c.fail(
             k("protocol"),
             "`auto` chooses by ALPN, which needs TLS: add tls = { … } or choose http1 or http2",
         );
     }
 
-    let host_header = match c.get(k("host_header"), &u.host_header).map(String::as_str) {
+    let host_header = match (!template)
+        .then(|| c.get(k("host_header"), &u.host_header))
+        .flatten()
+        .map(String::as_str)
+    {
         None | Some("keep") => HostHeader::Keep,
         Some(v) => match HeaderValue::from_str(v.trim()) {
             Ok(hv) if !v.trim().is_empty() => HostHeader::Fixed(hv),
@@ -602,11 +694,17 @@ fn upstream(
 /// names the key of an unreadable or mismatched one.
 fn upstream_tls(
     c: &mut Checker,
-    i: usize,
+    table: Table,
     t: &RawUpstreamTls,
     protocol: Protocol,
 ) -> Option<TlsClient> {
-    let k = |field: &str| format!("upstream[{i}].tls.{field}");
+    let k = |field: &str| table.key(&format!("tls.{field}"));
+    if matches!(table, Table::ForwardDefaults) && t.server_name != Field::Missing {
+        c.fail(
+            k("server_name"),
+            "is not used here: each origin's name is its TLS server name",
+        );
+    }
     let path = |c: &mut Checker, field: &str, f: &Field<String>| {
         c.get(k(field), f)
             .map(|p| p.trim())
@@ -649,6 +747,7 @@ fn listener(
     i: usize,
     l: &RawListener,
     upstreams: &[UpstreamConfig],
+    forward_template: Option<&UpstreamConfig>,
 ) -> Option<ListenerConfig> {
     let k = |field: &str| format!("listener[{i}].{field}");
     let name = required(c, k("name"), &l.name)?.to_string();
@@ -664,7 +763,8 @@ fn listener(
     }
     let mode = match c.get(k("mode"), &l.mode).map(|m| m.trim()) {
         None | Some("http") => Some(Mode::Http),
-        Some(m @ ("forward" | "tcp" | "tunnel")) => {
+        Some("forward") => Some(Mode::Forward),
+        Some(m @ ("tcp" | "tunnel")) => {
             c.fail(
                 k("mode"),
                 format!("`{m}` is not available in this version; use \"http\""),
@@ -682,15 +782,36 @@ fn listener(
     if l.target != Field::Missing {
         c.fail(k("target"), "only applies to mode = \"tunnel\"");
     }
-    if l.allow != Field::Missing {
-        c.fail(k("allow"), "only applies to mode = \"forward\"");
-    }
-    let upstream = match c.get(k("upstream"), &l.upstream).map(|u| u.trim()) {
-        None | Some("") => {
+    let forward = match mode {
+        Some(Mode::Forward) => forward(c, i, l, forward_template).map(Box::new),
+        _ => {
+            for (field, given) in [
+                ("allow", l.allow != Field::Missing),
+                ("max_origins", l.max_origins != Field::Missing),
+                ("originate_tls", l.originate_tls != Field::Missing),
+                ("via", l.via != Field::Missing),
+            ] {
+                if given {
+                    c.fail(k(field), "only applies to mode = \"forward\"");
+                }
+            }
+            None
+        }
+    };
+    let upstream = match (mode, c.get(k("upstream"), &l.upstream).map(|u| u.trim())) {
+        (Some(Mode::Forward), None) => None,
+        (Some(Mode::Forward), Some(_)) => {
+            c.fail(
+                k("upstream"),
+                "does not apply to mode = \"forward\": each request names its origin; pool settings come from [forward_defaults]",
+            );
+            None
+        }
+        (_, None | Some("")) => {
             c.fail(k("upstream"), "is required for mode = \"http\"");
             None
         }
-        Some(u) => match upstreams.iter().position(|up| up.name == u) {
+        (_, Some(u)) => match upstreams.iter().position(|up| up.name == u) {
             Some(idx) => Some(idx),
             None => {
                 c.fail(k("upstream"), format!("no [[upstream]] is named `{u}`"));
@@ -698,6 +819,13 @@ fn listener(
             }
         },
     };
+    let mode = mode?;
+    if mode == Mode::Http && upstream.is_none() {
+        return None;
+    }
+    if mode == Mode::Forward && forward.is_none() {
+        return None;
+    }
     let header_timeout = c.duration(
         k("header_timeout"),
         &l.header_timeout,
@@ -727,8 +855,9 @@ fn listener(
     Some(ListenerConfig {
         name,
         bind: bind?,
-        mode: mode?,
-        upstream: upstream?,
+        mode,
+        upstream,
+        forward,
         client_keepalive,
         access_log,
         header_timeout,
@@ -736,5 +865,76 @@ fn listener(
         max_header_bytes,
         request_buffer_bytes,
         body_timeout,
+    })
+}
+
+/// A forward listener's own keys, on top of the `[forward_defaults]`
+/// template.
+fn forward(
+    c: &mut Checker,
+    i: usize,
+    l: &RawListener,
+    template: Option<&UpstreamConfig>,
+) -> Option<ForwardConfig> {
+    let k = |field: &str| format!("listener[{i}].{field}");
+    let rules = |c: &mut Checker, field: &str, f: &Field<Vec<String>>| {
+        let empty = Vec::new();
+        let raw = c.get(k(field), f).unwrap_or(&empty);
+        match AllowList::parse(raw) {
+            Ok(l) => Some(l),
+            Err(errors) => {
+                for (j, reason) in errors {
+                    c.fail(format!("{}[{j}]", k(field)), reason);
+                }
+                None
+            }
+        }
+    };
+    let allow = rules(c, "allow", &l.allow);
+    if allow.as_ref().is_some_and(AllowList::is_empty) && !matches!(l.allow, Field::Wrong { .. }) {
+        c.fail(
+            k("allow"),
+            "is required for mode = \"forward\" and must list at least one destination (host:port, *.domain:port, CIDR:port; \"*:*\" allows everything)",
+        );
+    }
+    let originate_tls = rules(c, "originate_tls", &l.originate_tls);
+    let max_origins = c.count(
+        k("max_origins"),
+        &l.max_origins,
+        defaults::MAX_ORIGINS,
+        1..=limits::MAX_ORIGINS,
+    );
+    let via = c.flag(k("via"), &l.via, false);
+    let mut origin = template?.clone();
+    if origin.tls.is_none() && originate_tls.as_ref().is_some_and(|t| !t.is_empty()) {
+        // TLS toward origins without a [forward_defaults.tls]: the system
+        // roots, each origin's name as the server name.
+        let alpn: &[&[u8]] = match origin.protocol {
+            Protocol::Http1 => &[b"http/1.1"],
+            Protocol::Http2 => &[b"h2"],
+            Protocol::Auto => &[b"h2", b"http/1.1"],
+        };
+        match crate::upstream::tls::build(&TlsSettings::default(), alpn, &c.system_roots) {
+            Ok(t) => origin.tls = Some(t),
+            Err(problems) => {
+                for p in problems {
+                    c.fail(
+                        k("originate_tls"),
+                        format!(
+                            "TLS toward origins cannot be set up: {}: {}",
+                            p.field, p.reason
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let allow = allow.filter(|a| !a.is_empty())?;
+    Some(ForwardConfig {
+        allow,
+        originate_tls: originate_tls?,
+        max_origins,
+        via,
+        origin,
     })
 }

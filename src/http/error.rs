@@ -34,6 +34,9 @@ pub enum ProxyError {
     },
     #[error("{0} is not supported by an http listener")]
     MethodNotAllowed(http::Method),
+    /// A forward listener's routing refused the request.
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
 }
 
 impl ProxyError {
@@ -57,6 +60,11 @@ impl ProxyError {
         match self {
             ProxyError::Upstream(e) => e.side(),
             ProxyError::ResponseCoding { .. } => Side::Upstream,
+            ProxyError::Forward(
+                crate::forward::ForwardError::Connect { .. }
+                | crate::forward::ForwardError::Unresolved { .. },
+            ) => Side::Upstream,
+            ProxyError::Forward(crate::forward::ForwardError::OriginsFull { .. }) => Side::Loopmux,
             _ => Side::Client,
         }
     }
@@ -79,17 +87,25 @@ impl ProxyError {
             ProxyError::RequestCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ResponseCoding { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Forward(f) => f.status(),
         }
     }
     /// `502 Bad Gateway: upstream "partner": connect to 10.0.0.2:80 from
     /// 10.0.0.11 failed: ECONNREFUSED (Connection refused)`.
     pub fn into_response(&self, upstream: &str) -> Response<super::RespBody> {
         let status = self.status();
-        let text = format!(
-            "{} {}: upstream \"{upstream}\": {self}\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        );
+        let text = match self {
+            ProxyError::Forward(_) => format!(
+                "{} {}: forward proxy: {self}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+            _ => format!(
+                "{} {}: upstream \"{upstream}\": {self}\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        };
         let mut resp = Response::new(super::RespBody::Right(Full::new(Bytes::from(text))));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
@@ -137,6 +153,7 @@ impl ProxyError {
                 "unsupported-coding"
             }
             ProxyError::MethodNotAllowed(_) => "method",
+            ProxyError::Forward(f) => f.kind(),
         }
     }
 }

@@ -13,6 +13,7 @@ use http_body_util::{Either, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
 use crate::stall::StallIo;
@@ -68,10 +69,23 @@ pub struct HttpServer {
     proxy: Arc<Proxy>,
     /// A client that takes no response bytes for this long is cut.
     body_timeout: std::time::Duration,
+    drain: Drain,
+}
+
+/// A listener's drain, as its connections see it. hyper-util's graceful
+/// watcher cannot watch a connection with upgrades (CONNECT), so forward
+/// connections watch these instead.
+#[derive(Clone, Default)]
+pub struct Drain {
+    /// Cancelled when the drain starts: finish the current exchange, then
+    /// close.
+    pub begun: CancellationToken,
+    /// Cancelled at the drain's deadline: tunnels are cut.
+    pub deadline: CancellationToken,
 }
 
 impl HttpServer {
-    pub fn new(cfg: &ListenerConfig, proxy: Arc<Proxy>) -> Self {
+    pub fn new(cfg: &ListenerConfig, proxy: Arc<Proxy>, drain: Drain) -> Self {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -86,11 +100,20 @@ impl HttpServer {
             builder,
             proxy,
             body_timeout: cfg.body_timeout,
+            drain,
         }
     }
 
     /// Serves one client connection to its end.
     pub async fn serve(&self, stream: TcpStream, watcher: Watcher) {
+        if let Some(f) = self.proxy.forward_routing() {
+            let stats = f.stats.clone();
+            self.serve_forward(stream, &stats).await;
+            // Held to here: the listener's drain waits for this connection,
+            // its tunnel included.
+            drop(watcher);
+            return;
+        }
         let proxy = self.proxy.clone();
         // hyper's own `service_fn`, no tower stack: a tower layer for the
         // response metrics (ServiceBuilder, and an adapter to hyper) moved
@@ -105,6 +128,48 @@ impl HttpServer {
         let conn = self.builder.serve_connection(io, svc);
         if let Err(e) = watcher.watch(conn).await {
             self.proxy.connection_error(&e);
+        }
+    }
+}
+
+impl HttpServer {
+    /// A forward connection: requests as in `serve`, and `CONNECT`, whose
+    /// tunnel runs here once hyper hands the connection over.
+    async fn serve_forward(&self, stream: TcpStream, stats: &crate::metrics::ForwardStats) {
+        let proxy = self.proxy.clone();
+        let tunnel: Arc<std::sync::Mutex<Option<crate::forward::tunnel::PendingTunnel>>> =
+            Arc::default();
+        let slot = tunnel.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            let slot = slot.clone();
+            async move {
+                let mut resp = proxy.handle(req).await;
+                if let Some(h) = resp
+                    .extensions_mut()
+                    .remove::<crate::forward::tunnel::Handoff>()
+                {
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = h.take();
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
+        let conn = self.builder.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        let done = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.drain.begun.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = done {
+            self.proxy.connection_error(&e);
+        }
+        let pending = tunnel.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = pending {
+            crate::forward::tunnel::run(t, self.drain.deadline.clone(), stats).await;
         }
     }
 }

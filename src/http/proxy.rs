@@ -15,16 +15,25 @@ use super::error::ProxyError;
 use super::headers;
 use super::{AccessRecord, RespBody};
 use crate::config::ListenerConfig;
+use crate::forward::{Forward, ForwardError, Route as ForwardRoute};
 use crate::upstream::client::{Lease, UpstreamError};
 use crate::upstream::conn::AppProtocol;
 use crate::upstream::Upstream;
+
+/// Where a listener's requests go.
+enum Route {
+    /// Mode `http`: one upstream, swapped by a reload; each request reads
+    /// it once.
+    Fixed(RwLock<Arc<Upstream>>),
+    /// Mode `forward`: the origin each request names.
+    Forward(Arc<Forward>),
+}
 
 /// Forwards requests of one listener to its upstream. Shared by all of the
 /// listener's connections.
 pub struct Proxy {
     pub listener: Arc<str>,
-    /// Swapped by a reload; each request reads it once.
-    upstream: RwLock<Arc<Upstream>>,
+    route: Route,
     stats: crate::metrics::ListenerStats,
     access_log: AtomicBool,
     /// Listener settings a reload may change.
@@ -46,14 +55,22 @@ struct Forwarded {
 }
 
 impl Proxy {
+    /// A proxy to `upstream` (mode http) or, without one, to the origins
+    /// `forward` routes to.
     pub fn new(
         lc: &ListenerConfig,
-        upstream: Arc<Upstream>,
+        upstream: Option<Arc<Upstream>>,
+        forward: Option<Arc<Forward>>,
         stats: crate::metrics::ListenerStats,
     ) -> Self {
+        let route = match (upstream, forward) {
+            (_, Some(f)) => Route::Forward(f),
+            (Some(u), None) => Route::Fixed(RwLock::new(u)),
+            (None, None) => unreachable!("a listener has an upstream or forward routing"),
+        };
         Proxy {
             listener: lc.name.as_str().into(),
-            upstream: RwLock::new(upstream),
+            route,
             stats,
             access_log: AtomicBool::new(lc.access_log),
             request_buffer_bytes: AtomicUsize::new(lc.request_buffer_bytes),
@@ -61,18 +78,32 @@ impl Proxy {
         }
     }
 
-    /// The upstream new requests go to.
-    pub fn upstream(&self) -> Arc<Upstream> {
-        self.upstream
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The upstream new requests go to (mode http).
+    pub fn upstream(&self) -> Option<Arc<Upstream>> {
+        match &self.route {
+            Route::Fixed(u) => Some(u.read().unwrap_or_else(|p| p.into_inner()).clone()),
+            Route::Forward(_) => None,
+        }
+    }
+
+    /// The forward routing (mode forward).
+    pub fn forward_routing(&self) -> Option<&Arc<Forward>> {
+        match &self.route {
+            Route::Forward(f) => Some(f),
+            Route::Fixed(_) => None,
+        }
     }
 
     /// Reload: new requests (also on open client connections) go to `up`
     /// under `lc`'s settings; requests in flight finish as they started.
-    pub fn reconfigure(&self, up: Arc<Upstream>, lc: &ListenerConfig) {
-        *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = up;
+    pub fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
+        match (&self.route, up) {
+            (Route::Fixed(u), Some(up)) => {
+                *u.write().unwrap_or_else(|p| p.into_inner()) = up;
+            }
+            (Route::Forward(f), _) => f.reconfigure(lc),
+            _ => {}
+        }
         self.access_log.store(lc.access_log, Ordering::Relaxed);
         self.request_buffer_bytes
             .store(lc.request_buffer_bytes, Ordering::Relaxed);
@@ -132,15 +163,47 @@ impl Proxy {
     /// response body can count a stall without a clone of its own.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let method = req.method().clone();
-        let up = self.upstream();
         let started = tokio::time::Instant::now();
         // Only an access log pays for a copy of the path.
         let path = self
             .access_log
             .load(Ordering::Relaxed)
             .then(|| req.uri().path().to_string());
+        let (up, req, _origin) = match &self.route {
+            Route::Fixed(u) => (
+                u.read().unwrap_or_else(|p| p.into_inner()).clone(),
+                req,
+                None,
+            ),
+            Route::Forward(f) => match self.route_forward(f, req, &method).await {
+                Ok((route, req)) => (route.upstream, req, Some(route.guard)),
+                Err((resp, label)) => {
+                    let status = resp.status().as_u16();
+                    if let Some(path) = path {
+                        let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+                        AccessRecord {
+                            listener: self.listener.clone(),
+                            upstream: label,
+                            method: method.clone(),
+                            path,
+                            status,
+                            reused: None,
+                            started,
+                        }
+                        .emit(len, None);
+                    }
+                    self.stats.record(status, started.elapsed().as_secs_f64());
+                    return resp;
+                }
+            },
+        };
         let resp = match self.forward(&up, req, &method).await {
-            Ok(f) => {
+            Ok(mut f) => {
+                if let Route::Forward(fw) = &self.route {
+                    if let Some(v) = fw.via() {
+                        f.parts.headers.append(header::VIA, v);
+                    }
+                }
                 let status = f.parts.status.as_u16();
                 tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused = f.reused, endpoint = %f.endpoint, local = %f.local, protocol = f.protocol.as_str(), elapsed_us = started.elapsed().as_micros() as u64, "request");
                 let record = path.map(|path| {
@@ -192,6 +255,41 @@ impl Proxy {
         self.stats
             .record(resp.status().as_u16(), started.elapsed().as_secs_f64());
         resp
+    }
+
+    /// Forward mode: the origin for `req`, or the response that ends it
+    /// here (a refusal, or a CONNECT's `200` with its tunnel handed to
+    /// the connection) with the label its access-log line gets.
+    async fn route_forward(
+        &self,
+        f: &Forward,
+        mut req: Request<Incoming>,
+        method: &Method,
+    ) -> Result<(ForwardRoute, Request<Incoming>), (Response<RespBody>, String)> {
+        let refused = |e: ForwardError| {
+            tracing::debug!(listener = %self.listener, %method, status = e.status().as_u16(), error = %e, "forward request refused");
+            let e = ProxyError::Forward(e);
+            (e.into_response(""), "forward".to_string())
+        };
+        if *method == Method::CONNECT {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            return match f.connect(req.uri(), on_upgrade).await {
+                Ok(t) => {
+                    let label = t.target.clone();
+                    let mut resp = Response::new(Either::Right(http_body_util::Full::new(
+                        bytes::Bytes::new(),
+                    )));
+                    resp.extensions_mut().insert(crate::forward::handoff(t));
+                    Err((resp, label))
+                }
+                Err(e) => Err(refused(e)),
+            };
+        }
+        let (mut parts, body) = req.into_parts();
+        match f.route(&mut parts).await {
+            Ok(route) => Ok((route, Request::from_parts(parts, body))),
+            Err(e) => Err(refused(e)),
+        }
     }
 
     /// Checks and normalizes the request head for the upstream.

@@ -88,6 +88,27 @@ impl Drop for InFlight {
     }
 }
 
+/// Why a resolved address may not be dialed (forward mode: a deny rule on
+/// addresses, or the proxy's own listener, a loop).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vetoed {
+    pub addr: SocketAddr,
+    pub is_loop: bool,
+    pub reason: String,
+}
+
+/// Decides every address a refresh resolves, before any is dialed.
+pub type AddressVeto = Arc<dyn Fn(SocketAddr) -> Option<Vetoed> + Send + Sync>;
+
+/// What a started upstream shares with others, beyond its config.
+#[derive(Default)]
+pub struct StartWith {
+    /// Dial through this dialer (its source addresses and their state)
+    /// instead of one of its own.
+    pub dialer: Option<Arc<Dialer>>,
+    pub veto: Option<AddressVeto>,
+}
+
 pub struct Upstream {
     pub cfg: UpstreamConfig,
     pub dialer: Arc<Dialer>,
@@ -101,6 +122,12 @@ pub struct Upstream {
     /// Set when a reload handed this upstream's pools to its successor: its
     /// DNS refresh stops, so only one owner ever swaps or retires them.
     superseded: AtomicBool,
+    veto: Option<AddressVeto>,
+    /// Set by a refresh that resolved a vetoed address: then no address of
+    /// this upstream is used at all.
+    vetoed: RwLock<Option<Vetoed>>,
+    /// The last resolution failure, while no address is known.
+    resolve_error: RwLock<Option<String>>,
 }
 
 impl Upstream {
@@ -127,8 +154,23 @@ impl Upstream {
     ///
     /// [`can_reconfigure`]: Self::can_reconfigure
     pub async fn start_after(cfg: UpstreamConfig, previous: Option<&Upstream>) -> Arc<Self> {
-        let dialer = match previous {
-            Some(p)
+        Self::start_inner(cfg, previous, StartWith::default()).await
+    }
+
+    /// Starts `cfg` sharing what `with` holds (forward mode's origins
+    /// share one dialer and one address veto).
+    pub async fn start_with(cfg: UpstreamConfig, with: StartWith) -> Arc<Self> {
+        Self::start_inner(cfg, None, with).await
+    }
+
+    async fn start_inner(
+        cfg: UpstreamConfig,
+        previous: Option<&Upstream>,
+        with: StartWith,
+    ) -> Arc<Self> {
+        let dialer = match (previous, with.dialer) {
+            (_, Some(d)) => d,
+            (Some(p), None)
                 if p.cfg.source_addresses == cfg.source_addresses
                     && p.cfg.connect_timeout == cfg.connect_timeout
                     && p.cfg.failure_backoff == cfg.failure_backoff =>
@@ -163,6 +205,9 @@ impl Upstream {
             epoch: Instant::now(),
             retries: AtomicU64::new(0),
             superseded: AtomicBool::new(false),
+            veto: with.veto,
+            vetoed: RwLock::new(None),
+            resolve_error: RwLock::new(None),
             cfg,
         });
         let pool_cfg = up.pool_config();
@@ -202,10 +247,27 @@ impl Upstream {
             .clone()
     }
 
+    /// Why no address of this upstream may be used, if one was vetoed.
+    pub fn vetoed(&self) -> Option<Vetoed> {
+        self.vetoed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The last resolution failure, while no address is known.
+    pub fn resolve_error(&self) -> Option<String> {
+        self.resolve_error
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Re-resolves every endpoint: new addresses get pools, vanished ones
     /// are retired (their connections close as they come back).
     pub async fn refresh(&self) {
         let mut addrs: Vec<(SocketAddr, Option<Arc<str>>)> = Vec::new();
+        let mut failed = None;
         for ep in &self.cfg.endpoints {
             match ep {
                 EndpointAddr::Ip(a) => addrs.push((*a, None)),
@@ -217,6 +279,7 @@ impl Upstream {
                         }
                         Err(e) => {
                             tracing::warn!(upstream = %self.cfg.name, endpoint = %ep, error = %e, "cannot resolve endpoint; keeping its previous addresses");
+                            failed = Some(format!("cannot resolve `{host}`: {e}"));
                             let current = self.endpoints();
                             addrs.extend(
                                 current
@@ -234,6 +297,20 @@ impl Upstream {
         }
         let mut seen = std::collections::HashSet::new();
         addrs.retain(|(a, _)| seen.insert(*a));
+        *self
+            .resolve_error
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = if addrs.is_empty() { failed } else { None };
+        if let Some(veto) = &self.veto {
+            // One vetoed address vetoes the name: a resolver that mixes a
+            // denied address into an allowed name's answers is an attack.
+            let verdict = addrs.iter().find_map(|(a, _)| veto(*a));
+            if let Some(v) = &verdict {
+                tracing::warn!(upstream = %self.cfg.name, addr = %v.addr, reason = %v.reason, "resolved address refused: no address of this origin is used");
+                addrs.clear();
+            }
+            *self.vetoed.write().unwrap_or_else(|p| p.into_inner()) = verdict;
+        }
 
         let old = self.endpoints();
         let mut next = Vec::with_capacity(addrs.len());

@@ -1,0 +1,409 @@
+//! The `forward` mode's routing: which origin a proxy request goes to,
+//! whether it may, and the pools behind it. The HTTP exchange itself is
+//! `http::proxy`'s, the same as for an `http` listener.
+
+pub mod origins;
+pub mod target;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use http::{HeaderValue, StatusCode};
+
+use crate::allow::{Denial, Host};
+use crate::config::{EndpointAddr, ForwardConfig, ListenerConfig, Protocol};
+use crate::metrics::ForwardStats;
+use crate::upstream::dialer::{DialError, Dialer};
+use crate::upstream::{AddressVeto, StartWith, Upstream, Vetoed};
+use origins::{OriginGuard, Origins};
+use target::{Target, TargetError};
+
+/// Why a forward request was not sent: each has its status and its
+/// `x-loopmux-error` word.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("`{target}` is not allowed: {denial}")]
+    Denied { target: String, denial: Denial },
+    #[error("`{target}` is this proxy's own listener ({reason}): the request would loop")]
+    Loop { target: String, reason: String },
+    #[error("`{target}`: all {0} origins (max_origins) are in use", .max)]
+    OriginsFull { target: String, max: usize },
+    #[error("`{target}`: {reason}")]
+    Unresolved { target: String, reason: String },
+    #[error("`{target}` needs TLS toward the origin, which this listener does not originate: send HTTPS through CONNECT, or add [forward_defaults.tls] / originate_tls")]
+    NoTls { target: String },
+    #[error("CONNECT `{target}`: {source}")]
+    Connect { target: String, source: DialError },
+}
+
+impl ForwardError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::Target(_) => StatusCode::BAD_REQUEST,
+            ForwardError::Denied { .. } => StatusCode::FORBIDDEN,
+            ForwardError::Loop { .. } => StatusCode::LOOP_DETECTED,
+            ForwardError::OriginsFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ForwardError::Unresolved { .. } | ForwardError::Connect { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ForwardError::NoTls { .. } => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Target(_) => "bad-request",
+            ForwardError::Denied { .. } => "denied",
+            ForwardError::Loop { .. } => "loop",
+            ForwardError::OriginsFull { .. } => "max-origins",
+            ForwardError::Unresolved { .. } => "resolve",
+            ForwardError::NoTls { .. } => "tls-not-configured",
+            ForwardError::Connect { .. } => "connect",
+        }
+    }
+}
+
+/// Settings a reload swaps as one.
+struct Settings {
+    cfg: Arc<ForwardConfig>,
+    dialer: Arc<Dialer>,
+}
+
+/// One forward listener's routing state.
+pub struct Forward {
+    settings: RwLock<Settings>,
+    origins: Arc<Origins>,
+    /// The listener's own address: a request to it would loop.
+    local: SocketAddr,
+    pub stats: ForwardStats,
+}
+
+/// The way to an origin for one request.
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    pub guard: OriginGuard,
+}
+
+fn dialer_for(cfg: &ForwardConfig) -> Arc<Dialer> {
+    let o = &cfg.origin;
+    Arc::new(Dialer::new(
+        &o.source_addresses,
+        o.connect_timeout,
+        o.failure_backoff,
+    ))
+}
+
+/// Whether `addr` is the listener at `local` (also when it listens on
+/// every address).
+fn is_self(addr: SocketAddr, local: SocketAddr) -> bool {
+    let ip = crate::allow::canonical(addr.ip());
+    addr.port() == local.port()
+        && (ip == crate::allow::canonical(local.ip())
+            || (local.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
+}
+
+impl Forward {
+    pub fn new(lc: &ListenerConfig, local: SocketAddr, stats: ForwardStats) -> Arc<Forward> {
+        let cfg = Arc::new(
+            (**lc
+                .forward
+                .as_ref()
+                .expect("a forward listener has its forward config"))
+            .clone(),
+        );
+        let f = Arc::new(Forward {
+            settings: RwLock::new(Settings {
+                dialer: dialer_for(&cfg),
+                cfg,
+            }),
+            origins: Arc::new(Origins::default()),
+            local,
+            stats,
+        });
+        let weak = Arc::downgrade(&f);
+        origins::spawn_reaper(
+            Arc::downgrade(&f.origins),
+            move || {
+                weak.upgrade()
+                    .map_or(std::time::Duration::from_secs(60), |f| {
+                        f.config().origin.idle_timeout
+                    })
+            },
+            f.stats.origins.clone(),
+        );
+        f
+    }
+
+    pub fn config(&self) -> Arc<ForwardConfig> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .cfg
+            .clone()
+    }
+
+    fn dialer(&self) -> Arc<Dialer> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .dialer
+            .clone()
+    }
+
+    /// A reload: a changed allow list, TLS list or pool template drops
+    /// every origin (requests in flight finish on the old pools); the
+    /// next requests start new ones under the new rules.
+    pub fn reconfigure(&self, lc: &ListenerConfig) {
+        let Some(new) = lc.forward.as_deref() else {
+            return;
+        };
+        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        if *s.cfg == *new {
+            return;
+        }
+        let o = &s.cfg.origin;
+        if o.source_addresses != new.origin.source_addresses
+            || o.connect_timeout != new.origin.connect_timeout
+            || o.failure_backoff != new.origin.failure_backoff
+        {
+            s.dialer = dialer_for(new);
+        }
+        s.cfg = Arc::new(new.clone());
+        drop(s);
+        self.origins.clear();
+        self.stats.origins.set(0);
+    }
+
+    /// The upstreams of the origins open now, for `/status`.
+    pub fn origin_upstreams(&self) -> Vec<Arc<Upstream>> {
+        self.origins.upstreams()
+    }
+
+    /// Checks `target` (as asked) against the loop guard and the allow
+    /// list; a plain `http://` target listed in `originate_tls` becomes
+    /// TLS (port 80 → 443) before the check, since that is where it goes.
+    fn admit(&self, cfg: &ForwardConfig, mut target: Target) -> Result<Target, ForwardError> {
+        if !target.tls && cfg.originate_tls.check(&target.host, target.port).is_ok() {
+            target.tls = true;
+            if target.port == 80 {
+                target.port = 443;
+            }
+        }
+        if let Host::Ip(ip) = target.host {
+            let addr = SocketAddr::new(ip, target.port);
+            if is_self(addr, self.local) {
+                self.stats.loops.inc();
+                return Err(ForwardError::Loop {
+                    target: target.to_string(),
+                    reason: format!("listening on {}", self.local),
+                });
+            }
+        }
+        if let Err(denial) = cfg.allow.check(&target.host, target.port) {
+            self.stats.denied.inc();
+            return Err(ForwardError::Denied {
+                target: target.to_string(),
+                denial,
+            });
+        }
+        if target.tls && cfg.origin.tls.is_none() {
+            return Err(ForwardError::NoTls {
+                target: target.to_string(),
+            });
+        }
+        Ok(target)
+    }
+
+    /// The origin's upstream, started on first use; a vetoed resolution
+    /// (a denied address, a loop) or none at all is the request's error.
+    async fn origin(
+        &self,
+        cfg: &Arc<ForwardConfig>,
+        target: &Target,
+    ) -> Result<Route, ForwardError> {
+        let guard = self.origins.get(target, cfg.max_origins).map_err(|full| {
+            ForwardError::OriginsFull {
+                target: target.to_string(),
+                max: full.0,
+            }
+        })?;
+        let up = guard
+            .origin()
+            .upstream
+            .get_or_init(|| self.start_origin(cfg, target))
+            .await
+            .clone();
+        self.stats.origins.set(self.origins.len() as i64);
+        if let Some(v) = up.vetoed() {
+            return Err(self.vetoed(target, v));
+        }
+        if up.endpoints().is_empty() {
+            return Err(ForwardError::Unresolved {
+                target: target.to_string(),
+                reason: up
+                    .resolve_error()
+                    .unwrap_or_else(|| "resolves to no address".into()),
+            });
+        }
+        Ok(Route {
+            upstream: up,
+            guard,
+        })
+    }
+
+    fn vetoed(&self, target: &Target, v: Vetoed) -> ForwardError {
+        if v.is_loop {
+            self.stats.loops.inc();
+            ForwardError::Loop {
+                target: target.to_string(),
+                reason: v.reason,
+            }
+        } else {
+            self.stats.denied.inc();
+            ForwardError::Denied {
+                target: target.to_string(),
+                denial: Denial::Rule {
+                    rule: v.reason,
+                    addr: Some(v.addr.ip()),
+                },
+            }
+        }
+    }
+
+    async fn start_origin(&self, cfg: &Arc<ForwardConfig>, target: &Target) -> Arc<Upstream> {
+        let mut uc = cfg.origin.clone();
+        uc.name = format!("{}://{target}", if target.tls { "https" } else { "http" });
+        uc.endpoints = vec![match &target.host {
+            Host::Ip(ip) => EndpointAddr::Ip(SocketAddr::new(*ip, target.port)),
+            Host::Name(n) => EndpointAddr::Name {
+                host: n.clone(),
+                port: target.port,
+            },
+        }];
+        if !target.tls {
+            uc.tls = None;
+            if uc.protocol == Protocol::Auto {
+                uc.protocol = Protocol::Http1;
+            }
+        }
+        let rules = cfg.clone();
+        let local = self.local;
+        let veto: AddressVeto = Arc::new(move |addr: SocketAddr| {
+            if is_self(addr, local) {
+                return Some(Vetoed {
+                    addr,
+                    is_loop: true,
+                    reason: format!("resolves to {addr}, where this listener is"),
+                });
+            }
+            match rules.allow.check_resolved(addr.ip(), addr.port()) {
+                Ok(()) => None,
+                Err(Denial::Rule { rule, .. }) => Some(Vetoed {
+                    addr,
+                    is_loop: false,
+                    reason: rule,
+                }),
+                Err(d) => Some(Vetoed {
+                    addr,
+                    is_loop: false,
+                    reason: d.to_string(),
+                }),
+            }
+        });
+        tracing::debug!(origin = %uc.name, "new origin");
+        Upstream::start_with(
+            uc,
+            StartWith {
+                dialer: Some(self.dialer()),
+                veto: Some(veto),
+            },
+        )
+        .await
+    }
+
+    /// Routes a plain proxy request: checks its target and returns the
+    /// origin's upstream. Adds `Via` when configured.
+    ///
+    /// # Errors
+    /// [`ForwardError`] with the status the client gets.
+    pub async fn route(&self, parts: &mut http::request::Parts) -> Result<Route, ForwardError> {
+        let cfg = self.config();
+        let target = self.admit(&cfg, target::of_request(&parts.uri)?)?;
+        let route = self.origin(&cfg, &target).await?;
+        if cfg.via {
+            parts.headers.append(http::header::VIA, via_value());
+        }
+        Ok(route)
+    }
+
+    /// `CONNECT`: checks the target, dials it (another address of the
+    /// origin after a failure, as for requests), and returns the tunnel to
+    /// start once the client has its `200`.
+    ///
+    /// # Errors
+    /// [`ForwardError`] with the status the client gets.
+    pub async fn connect(
+        &self,
+        uri: &http::Uri,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+    ) -> Result<tunnel::PendingTunnel, ForwardError> {
+        let cfg = self.config();
+        let target = self.admit(&cfg, target::of_connect(uri)?)?;
+        let route = self.origin(&cfg, &target).await?;
+        let up = &route.upstream;
+        let tries = up.endpoints().len().clamp(1, 3);
+        let mut last = None;
+        for _ in 0..tries {
+            let Some(in_flight) = up.pick() else { break };
+            let ep = in_flight.endpoint().clone();
+            match up.dialer.dial(ep.addr).await {
+                Ok(dialed) => {
+                    up.mark_ok(&ep);
+                    ep.connects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.tunnels.inc();
+                    return Ok(tunnel::PendingTunnel {
+                        on_upgrade,
+                        lease: up.dialer.lease(dialed.source),
+                        upstream: dialed,
+                        target: target.to_string(),
+                        in_flight,
+                    });
+                }
+                Err(e) => {
+                    ep.record_connect_error(&e);
+                    up.mark_failed(&ep);
+                    last = Some(e);
+                }
+            }
+        }
+        self.stats.tunnel_failures.inc();
+        match last {
+            Some(source) => Err(ForwardError::Connect {
+                target: target.to_string(),
+                source,
+            }),
+            None => Err(ForwardError::Unresolved {
+                target: target.to_string(),
+                reason: "resolves to no address".into(),
+            }),
+        }
+    }
+
+    /// `Via` for responses, when configured.
+    pub fn via(&self) -> Option<HeaderValue> {
+        self.config().via.then(via_value)
+    }
+}
+
+fn via_value() -> HeaderValue {
+    HeaderValue::from_static("1.1 loopmux")
+}
+
+/// A slot for a tunnel's hand-off, one per CONNECT.
+pub fn handoff(t: tunnel::PendingTunnel) -> tunnel::Handoff {
+    tunnel::Handoff(Arc::new(Mutex::new(Some(t))))
+}
