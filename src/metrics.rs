@@ -175,32 +175,34 @@ impl Metrics {
 
     pub fn forward(&self, name: &str) -> ForwardStats {
         let l: Labels = vec![("listener", name.to_string())];
-        let with = |k: &'static str, v: &str| {
+        // One statement per handle: a family's read guard lives to the end
+        // of its statement, and a second get_or_create in the same one
+        // would wait for its write lock forever.
+        let get = |f: &Family<Labels, Counter>, extra: Option<(&'static str, &str)>| {
             let mut l = l.clone();
-            l.push((k, v.to_string()));
-            l
+            if let Some((k, v)) = extra {
+                l.push((k, v.to_string()));
+            }
+            let c = f.get_or_create(&l).clone();
+            c
         };
+        let denied = get(&self.fwd_refused, Some(("reason", "denied")));
+        let loops = get(&self.fwd_refused, Some(("reason", "loop")));
+        let tunnels = get(&self.fwd_tunnels, None);
+        let tunnel_failures = get(&self.fwd_tunnel_failures, None);
+        let tunnel_bytes_upstream = get(&self.fwd_tunnel_bytes, Some(("direction", "upstream")));
+        let tunnel_bytes_client = get(&self.fwd_tunnel_bytes, Some(("direction", "client")));
+        let origins = self.fwd_origins.get_or_create(&l).clone();
+        let tunnels_active = self.fwd_tunnels_active.get_or_create(&l).clone();
         ForwardStats {
-            origins: self.fwd_origins.get_or_create(&l).clone(),
-            denied: self
-                .fwd_refused
-                .get_or_create(&with("reason", "denied"))
-                .clone(),
-            loops: self
-                .fwd_refused
-                .get_or_create(&with("reason", "loop"))
-                .clone(),
-            tunnels: self.fwd_tunnels.get_or_create(&l).clone(),
-            tunnels_active: self.fwd_tunnels_active.get_or_create(&l).clone(),
-            tunnel_failures: self.fwd_tunnel_failures.get_or_create(&l).clone(),
-            tunnel_bytes_upstream: self
-                .fwd_tunnel_bytes
-                .get_or_create(&with("direction", "upstream"))
-                .clone(),
-            tunnel_bytes_client: self
-                .fwd_tunnel_bytes
-                .get_or_create(&with("direction", "client"))
-                .clone(),
+            origins,
+            denied,
+            loops,
+            tunnels,
+            tunnels_active,
+            tunnel_failures,
+            tunnel_bytes_upstream,
+            tunnel_bytes_client,
         }
     }
 

@@ -193,12 +193,21 @@ fn exhaustion_lab() {
             let behind = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, 9001))
                 .await
                 .unwrap();
+            let forward_origin =
+                loopmux::demo::origin::Origin::start(SocketAddr::new(ip, FORWARD_PORT))
+                    .await
+                    .unwrap();
             let _h2_backend =
                 loopmux::demo::origin::Origin::start("127.0.0.1:9002".parse().unwrap())
                     .await
                     .unwrap();
             ready_tx
-                .send((direct.addr, behind.addr, behind.stats.clone()))
+                .send((
+                    direct.addr,
+                    behind.addr,
+                    behind.stats.clone(),
+                    forward_origin.stats.clone(),
+                ))
                 .unwrap();
             // Wait for the test to finish without blocking the runtime.
             let _ =
@@ -206,7 +215,7 @@ fn exhaustion_lab() {
                     .await;
         });
     });
-    let (direct_addr, behind_addr, behind_stats) = ready_rx
+    let (direct_addr, behind_addr, behind_stats, forward_stats) = ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("origins started");
 
@@ -235,6 +244,7 @@ fn exhaustion_lab() {
     let h2_addr: SocketAddr = format!("{SERVER_IP}:{H2_PORT}").parse().unwrap();
 
     let cli = lab.cli.clone();
+    let forward_stats_cli = forward_stats.clone();
     let result = in_netns(&cli, move || {
         let rt = runtime();
         rt.block_on(async move {
@@ -290,7 +300,10 @@ fn exhaustion_lab() {
             let time_wait_toward_upstream = count_toward(&sockets, behind_addr, TIME_WAIT);
             let h2_time_wait = count_toward(&sockets, h2_addr, TIME_WAIT);
             app.stop(Duration::from_secs(5)).await;
-            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait)
+
+            // 5. Forward mode: the load a client with http_proxy sends.
+            let forward = forward_phase(direct_addr, forward_stats_cli).await;
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward)
         })
     })
     .join();
@@ -306,6 +319,7 @@ fn exhaustion_lab() {
         h2,
         h2_connects,
         h2_time_wait,
+        forward,
     ) = result.expect("client side of the lab panicked");
     println!(
         "diagnose in the client namespace after the direct phase:\n{}",
@@ -343,6 +357,7 @@ fn exhaustion_lab() {
         ("through loopmux", &f.through),
         ("failover", &f.failover),
         ("HTTPS + h2 (nghttpx)", &f.h2),
+        ("forward proxy (http_proxy)", &forward.load),
     ] {
         println!(
             "| {name} | {} | {} {:?} | {:.0} | {:?} |",
@@ -397,4 +412,149 @@ fn exhaustion_lab() {
         f.source0_eaddrnotavail >= 1,
         "the exhausted source should have reported EADDRNOTAVAIL"
     );
+    let fwd_accepted = forward.accepted;
+    let fwd_peak = forward_stats
+        .peak_active
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "forward proxy: origin accepted {fwd_accepted} connections (peak {fwd_peak} open, max_connections {MAX_CONNECTIONS}); TIME_WAIT toward it in client ns: {}; curl with http_proxy: {}/{} ok; denied origin: {}; CONNECT tunnel echoed {} bytes exactly: {}",
+        forward.time_wait, forward.curl_ok, FORWARD_CURLS, forward.denied_status, forward.tunnel_bytes, forward.tunnel_exact
+    );
+    assert_eq!(
+        forward.load.ok, THROUGH_REQUESTS,
+        "forward: {:?}",
+        forward.load.errors
+    );
+    assert_eq!(forward.load.error_count(), 0);
+    assert!(
+        (1..=MAX_CONNECTIONS as u64).contains(&fwd_accepted),
+        "forward origin accepted {fwd_accepted}"
+    );
+    assert_eq!(
+        forward.time_wait, 0,
+        "no TIME_WAIT toward the forward origin"
+    );
+    assert_eq!(forward.curl_ok, FORWARD_CURLS, "curl with http_proxy");
+    assert_eq!(forward.denied_status, 403);
+    assert!(forward.tunnel_exact, "CONNECT tunnel bytes");
+}
+
+const FORWARD_PORT: u16 = 9003;
+const FORWARD_CURLS: usize = 50;
+
+struct ForwardFigures {
+    load: load::LoadReport,
+    /// Connections the origin accepted for the pooled requests (before
+    /// the CONNECT, which has one of its own).
+    accepted: u64,
+    time_wait: usize,
+    curl_ok: usize,
+    denied_status: u16,
+    tunnel_bytes: usize,
+    tunnel_exact: bool,
+}
+
+/// A forward listener in the client namespace: the lab's load sends what a
+/// client with `http_proxy` sends (absolute-form to the proxy, one new
+/// connection per request), real curl runs with `http_proxy` in its
+/// environment, a denied origin gets 403, and CONNECT carries bytes.
+async fn forward_phase(
+    denied: SocketAddr,
+    stats: std::sync::Arc<loopmux::demo::origin::OriginStats>,
+) -> ForwardFigures {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin: SocketAddr = format!("{SERVER_IP}:{FORWARD_PORT}").parse().unwrap();
+    let toml = format!(
+        "[egress]\nsource_addresses = [\"{}\", \"{}\"]\n\n\
+         [[listener]]\nname = \"fwd\"\nbind = \"127.0.0.4:0\"\nmode = \"forward\"\nclient_keepalive = false\n\
+         allow = [\"{origin}\"]\n\n\
+         [forward_defaults]\nmax_connections = {MAX_CONNECTIONS}\n",
+        CLIENT_IPS[0], CLIENT_IPS[1]
+    );
+    let (app, proxy) = support::start(&toml).await;
+    let http_proxy = format!("http://{proxy}");
+    let mut spec = LoadSpec::new(proxy, THROUGH_REQUESTS, 16, Closer::Server);
+    spec.path = format!("http://{origin}/");
+    let report = load::run(spec).await;
+
+    let mut curl_ok = 0;
+    for i in 0..FORWARD_CURLS {
+        let out = tokio::process::Command::new("curl")
+            .args(["--silent", "--max-time", "10"])
+            .arg(format!("http://{origin}/bytes/{}", 10 + i))
+            .env("http_proxy", &http_proxy)
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY")
+            .output()
+            .await
+            .expect("curl is installed");
+        if out.status.success() && out.stdout.len() == 10 + i {
+            curl_ok += 1;
+        }
+    }
+    let denied_out = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{denied}/"))
+        .env("http_proxy", &http_proxy)
+        .output()
+        .await
+        .expect("curl is installed");
+    let denied_status = String::from_utf8_lossy(&denied_out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+
+    let accepted = stats.accepted.load(std::sync::atomic::Ordering::Relaxed);
+
+    // CONNECT, then an HTTP exchange inside the tunnel: the echo comes back.
+    let body: String = (0..100_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).await.is_err() {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let mut tunnel_exact = head.starts_with(b"HTTP/1.1 200");
+    s.write_all(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {origin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    let back = String::from_utf8_lossy(&back);
+    tunnel_exact &= back.starts_with("HTTP/1.1 200") && back.ends_with(&body);
+
+    let sockets = read_sockets().unwrap();
+    let time_wait = count_toward(&sockets, origin, TIME_WAIT);
+    app.stop(Duration::from_secs(5)).await;
+    ForwardFigures {
+        load: report,
+        accepted,
+        time_wait,
+        curl_ok,
+        denied_status,
+        tunnel_bytes: body.len(),
+        tunnel_exact,
+    }
 }

@@ -1,0 +1,558 @@
+//! The forward-proxy mode with real clients: curl with `-x` and with
+//! `http_proxy` / `https_proxy` in its environment, raw proxy requests for
+//! the refusals, CONNECT to a rustls server, TLS originated for plain
+//! `http://` requests, and Java's HttpURLConnection with
+//! `-Dhttp.proxyHost`. Everything on loopback.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use loopmux::demo::origin::OriginOptions;
+use support::pki::{self, Ca, Dir};
+use support::raw_upstream::{exchange, metric};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A forward listener with `listener_extra` keys and an admin endpoint;
+/// returns the app, the proxy's address and the admin address.
+async fn proxy(listener_extra: &str, tail: &str) -> (loopmux::app::App, SocketAddr, SocketAddr) {
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"fwd\"\nbind = \"127.0.0.1:0\"\nmode = \"forward\"\n{listener_extra}\n{tail}\n"
+    );
+    let (app, addr) = start(&toml).await;
+    let admin = app.admin_addr.unwrap();
+    (app, addr, admin)
+}
+
+async fn tls_origin(ca: &Ca) -> Origin {
+    Origin::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        OriginOptions {
+            h2: false,
+            max_streams: None,
+            tls: Some(pki::server_config(&ca.server(&["localhost"], false), None)),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_the_proxy_reuses_pooled_origin_connections() {
+    let o = origin().await;
+    let (_app, p, admin) = proxy(
+        "allow = [\"127.0.0.0/8:*\"]\nvia = true",
+        "[forward_defaults]\nmax_connections = 2",
+    )
+    .await;
+    let proxy_url = format!("http://{p}");
+    let url = format!("http://{}/headers", o.addr);
+
+    // `-x`, with the proxy headers an app might send.
+    let (code, out, err) = curl(&[
+        "-x",
+        &proxy_url,
+        "-H",
+        "Proxy-Authorization: Basic dXNlcjpwdw==",
+        "-H",
+        "Proxy-Connection: keep-alive",
+        "-D",
+        "-",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200"), "{out}");
+    // The origin got origin-form, and no proxy headers.
+    assert!(out.contains("GET /headers HTTP/1.1"), "{out}");
+    assert!(!lower.contains("proxy-authorization"), "{out}");
+    assert!(!lower.contains("proxy-connection"), "{out}");
+    // `via = true`: both ways.
+    assert!(lower.contains("via: 1.1 loopmux"), "{out}");
+    assert_eq!(lower.matches("via: 1.1 loopmux").count(), 2, "{out}");
+
+    // `http_proxy` in the environment, as apps are configured; one new
+    // client connection per request (a new curl each time).
+    for i in 0..20 {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "--silent",
+                "--show-error",
+                "--max-time",
+                "20",
+                "--noproxy",
+                "",
+            ])
+            .arg(format!("http://{}/bytes/{}", o.addr, 100 + i))
+            .env("http_proxy", &proxy_url)
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY")
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(out.stdout.len(), 100 + i, "request {i}");
+    }
+    // 21 client connections, at most max_connections toward the origin.
+    let accepted = o.stats.accepted.load(Ordering::Relaxed);
+    assert!((1..=2).contains(&accepted), "origin accepted {accepted}");
+    assert_eq!(
+        metric(admin, "loopmux_forward_origins", &[("listener", "fwd")]).await,
+        1.0
+    );
+}
+
+/// Requests loopmux must refuse, each with its status, its
+/// `x-loopmux-error` and words of its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_table() {
+    let o = origin().await;
+    let (_app, p, admin) = proxy(
+        "allow = [\"localhost:*\", \"!127.0.0.0/8:9\", \"api.example.com:443\", \"127.0.0.1:*\", \"resolves-denied.localhost:*\", \"[::1]:*\"]",
+        "",
+    )
+    .await;
+    let own = p.port();
+    struct Case {
+        name: &'static str,
+        request: String,
+        status: u16,
+        kind: &'static str,
+        words: &'static [&'static str],
+    }
+    let get = |target: String| format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let cases = [
+        Case {
+            name: "origin-form",
+            request: "GET /path HTTP/1.1\r\nHost: a\r\n\r\n".into(),
+            status: 400,
+            kind: "bad-request",
+            words: &["absolute", "HTTP_PROXY"],
+        },
+        Case {
+            name: "not on the list",
+            request: get("http://evil.example/".into()),
+            status: 403,
+            kind: "denied",
+            words: &["evil.example:80", "no allow rule matches"],
+        },
+        Case {
+            name: "the nearest rule is named",
+            request: get("http://api.example.com/".into()),
+            status: 403,
+            kind: "denied",
+            words: &["api.example.com:443", "other ports"],
+        },
+        Case {
+            name: "deny rule on an address",
+            request: get("http://127.0.0.2:9/".into()),
+            status: 403,
+            kind: "denied",
+            words: &["!127.0.0.0/8:9"],
+        },
+        Case {
+            name: "a name resolving into a denied range",
+            request: get("http://localhost:9/".into()),
+            status: 403,
+            kind: "denied",
+            words: &["resolves to", "!127.0.0.0/8:9"],
+        },
+        Case {
+            name: "an IP literal does not ride on a name rule",
+            request: get(format!("http://127.0.0.3:{}/", o.addr.port())),
+            status: 403,
+            kind: "denied",
+            words: &["never by a name rule"],
+        },
+        Case {
+            name: "the proxy's own address",
+            request: get(format!("http://127.0.0.1:{own}/")),
+            status: 508,
+            kind: "loop",
+            words: &["would loop"],
+        },
+        Case {
+            name: "a name resolving to the proxy",
+            request: get(format!("http://localhost:{own}/")),
+            status: 508,
+            kind: "loop",
+            words: &["would loop"],
+        },
+        Case {
+            name: "CONNECT to the proxy",
+            request: format!("CONNECT 127.0.0.1:{own} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            status: 508,
+            kind: "loop",
+            words: &["would loop"],
+        },
+        Case {
+            name: "CONNECT not on the list",
+            request: "CONNECT evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            status: 403,
+            kind: "denied",
+            words: &["evil.example:443"],
+        },
+        Case {
+            name: "CONNECT without a port",
+            request: "CONNECT localhost HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            status: 400,
+            kind: "bad-request",
+            words: &["host:port"],
+        },
+        Case {
+            name: "another scheme",
+            request: get("ftp://localhost/".into()),
+            status: 400,
+            kind: "bad-request",
+            words: &["ftp"],
+        },
+        Case {
+            name: "user information",
+            request: get("http://user:pw@localhost/".into()),
+            status: 400,
+            kind: "bad-request",
+            words: &["user information"],
+        },
+        Case {
+            name: "a numeric host in an odd form",
+            request: get("http://2130706433/".into()),
+            status: 400,
+            kind: "bad-request",
+            words: &["numeric"],
+        },
+        Case {
+            name: "https:// without TLS toward origins",
+            request: get("https://localhost/".into()),
+            status: 501,
+            kind: "tls-not-configured",
+            words: &["CONNECT"],
+        },
+    ];
+    for c in &cases {
+        let seen = exchange(p, c.request.as_bytes(), WAIT).await;
+        let body = String::from_utf8_lossy(&seen.body).into_owned();
+        assert_eq!(seen.status, c.status, "{}: {}{body}", c.name, seen.head);
+        assert_eq!(
+            seen.header("x-loopmux-error").as_deref(),
+            Some(c.kind),
+            "{}: {}",
+            c.name,
+            seen.head
+        );
+        for w in c.words {
+            assert!(body.contains(w), "{}: `{w}` not in {body}", c.name);
+        }
+    }
+    // Nothing refused reached the origin.
+    assert_eq!(o.stats.accepted.load(Ordering::Relaxed), 0);
+    let denied = metric(
+        admin,
+        "loopmux_forward_refused_total",
+        &[("listener", "fwd"), ("reason", "denied")],
+    )
+    .await;
+    assert_eq!(denied, 6.0);
+    let loops = metric(
+        admin,
+        "loopmux_forward_refused_total",
+        &[("listener", "fwd"), ("reason", "loop")],
+    )
+    .await;
+    assert_eq!(loops, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_origins_drops_the_least_recently_used_idle_origin_and_never_a_busy_one() {
+    let a = origin().await;
+    let b = origin().await;
+    let (_app, p, _admin) = proxy("allow = [\"127.0.0.1:*\"]\nmax_origins = 1", "").await;
+    // A slow request holds origin A.
+    let slow_req = format!(
+        "GET http://{}/slow/1500 HTTP/1.1\r\nHost: x\r\n\r\n",
+        a.addr
+    );
+    let slow = tokio::spawn(async move { exchange(p, slow_req.as_bytes(), WAIT).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let full = exchange(
+        p,
+        format!("GET http://{}/bytes/3 HTTP/1.1\r\nHost: x\r\n\r\n", b.addr).as_bytes(),
+        WAIT,
+    )
+    .await;
+    assert_eq!(full.status, 503, "{}", full.head);
+    assert_eq!(
+        full.header("x-loopmux-error").as_deref(),
+        Some("max-origins")
+    );
+    assert_eq!(slow.await.unwrap().status, 200);
+    // A is idle now: B takes its place.
+    let ok = exchange(
+        p,
+        format!("GET http://{}/bytes/3 HTTP/1.1\r\nHost: x\r\n\r\n", b.addr).as_bytes(),
+        WAIT,
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.head);
+    assert_eq!(ok.body, b"xxx");
+}
+
+/// A TCP server that reads everything until the client's FIN, then sends
+/// it all back and closes: the tunnel must carry both directions exactly
+/// and pass the half-close on while the other way keeps flowing.
+async fn echo_after_eof() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if s.read_to_end(&mut all).await.is_ok() {
+                    let _ = s.write_all(&all).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_carries_exact_bytes_and_half_close() {
+    let echo = echo_after_eof().await;
+    let (_app, p, admin) = proxy("allow = [\"127.0.0.1:*\"]", "").await;
+    let mut s = TcpStream::connect(p).await.unwrap();
+    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Read the 200 head byte by byte: nothing of the tunnel may be eaten.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(WAIT, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // 1 MiB of every byte value, then our FIN; the echo comes back after.
+    let data: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i * 7 % 251) as u8).collect();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "tunnelled bytes differ");
+    // Counted once the tunnel is closed.
+    let mut up = 0.0;
+    for _ in 0..50 {
+        up = metric(
+            admin,
+            "loopmux_forward_tunnel_bytes_total",
+            &[("listener", "fwd"), ("direction", "upstream")],
+        )
+        .await;
+        if up > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(up, data.len() as f64);
+    assert_eq!(
+        metric(
+            admin,
+            "loopmux_forward_tunnels_total",
+            &[("listener", "fwd")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_https_through_connect_and_a_refused_dial() {
+    let ca = Ca::new("forward test CA");
+    let dir = Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let o = tls_origin(&ca).await;
+    let (_app, p, _admin) = proxy("allow = [\"localhost:*\", \"127.0.0.1:*\"]", "").await;
+    let url = format!("https://localhost:{}/headers", o.addr.port());
+    let (code, out, err) = curl(&["-x", &format!("http://{p}"), "--cacert", &ca_file, &url]).await;
+    assert_eq!(code, 0, "{err}");
+    // End-to-end TLS through the tunnel: curl and the origin chose h2
+    // between themselves.
+    assert!(out.starts_with("GET https://localhost:"), "{out}");
+    assert!(out.contains("/headers HTTP/2.0"), "{out}");
+    // `https_proxy` in the environment.
+    let env_out = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--cacert",
+            &ca_file,
+        ])
+        .arg(&url)
+        .env("https_proxy", format!("http://{p}"))
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .await
+        .unwrap();
+    assert!(env_out.status.success(), "{env_out:?}");
+    // A CONNECT whose dial is refused: 502 that names the errno.
+    let (_guard, refusing) = refusing_addr();
+    let seen = exchange(
+        p,
+        format!("CONNECT {refusing} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        WAIT,
+    )
+    .await;
+    assert_eq!(seen.status, 502, "{}", seen.head);
+    let body = String::from_utf8_lossy(&seen.body);
+    assert!(body.contains("ECONNREFUSED"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_requests_get_tls_originated_and_pooled() {
+    let ca = Ca::new("forward test CA");
+    let dir = Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let o = tls_origin(&ca).await;
+    let port = o.addr.port();
+    let (_app, p, admin) = proxy(
+        "allow = [\"localhost:*\"]\noriginate_tls = [\"localhost:*\"]",
+        &format!("[forward_defaults]\nmax_connections = 1\ntls = {{ ca_file = \"{ca_file}\" }}"),
+    )
+    .await;
+    // Plain http:// from the app; TLS from loopmux (the origin speaks
+    // only TLS, so a 200 proves it).
+    for _ in 0..10 {
+        let (code, out, err) = curl(&[
+            "-x",
+            &format!("http://{p}"),
+            &format!("http://localhost:{port}/headers"),
+        ])
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("GET /headers"), "{out}");
+    }
+    // An https:// target in absolute form (some clients send these).
+    let seen = exchange(
+        p,
+        format!("GET https://localhost:{port}/bytes/5 HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        WAIT,
+    )
+    .await;
+    assert_eq!(seen.status, 200, "{}", seen.head);
+    // 11 requests from 11 client connections: TLS handshakes only for the
+    // pooled connections (one per address localhost resolves to that
+    // answers, at most).
+    let accepted = o.stats.accepted.load(Ordering::Relaxed);
+    assert!((1..=2).contains(&accepted), "origin accepted {accepted}");
+    let status: serde_json::Value = serde_json::from_str(&reqwest_status(admin).await).unwrap();
+    let names: Vec<String> = status["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&format!("https://localhost:{port}")),
+        "{names:?}"
+    );
+}
+
+async fn reqwest_status(admin: SocketAddr) -> String {
+    let (code, out, err) = curl(&[&format!("http://{admin}/status")]).await;
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+/// Java's HttpURLConnection with `-Dhttp.proxyHost`/`-Dhttp.proxyPort`
+/// (Debian's openjdk-17-jdk-headless), one new connection per request as
+/// legacy apps do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_http_url_connection_through_the_proxy() {
+    if std::process::Command::new("javac")
+        .arg("-version")
+        .output()
+        .is_err()
+    {
+        if std::env::var_os("LOOPMUX_LAB_REQUIRED").is_some() {
+            panic!("javac is missing: scripts/setup-test-deps installs openjdk-17-jdk-headless");
+        }
+        eprintln!("SKIPPED java_http_url_connection_through_the_proxy: no javac (install openjdk-17-jdk-headless)");
+        return;
+    }
+    let o = origin().await;
+    let (_app, p, _admin) = proxy(
+        "allow = [\"127.0.0.1:*\"]\nvia = true",
+        "[forward_defaults]\nmax_connections = 2",
+    )
+    .await;
+    let dir = Dir::new();
+    let src = dir.write(
+        "ProxyClient.java",
+        r#"
+import java.io.InputStream;
+import java.net.HttpURLConnection;
+import java.net.URL;
+
+public class ProxyClient {
+    public static void main(String[] args) throws Exception {
+        int n = Integer.parseInt(args[1]);
+        int ok = 0;
+        String via = null;
+        for (int i = 0; i < n; i++) {
+            HttpURLConnection c = (HttpURLConnection) new URL(args[0]).openConnection();
+            c.setRequestProperty("Connection", "close");
+            int status = c.getResponseCode();
+            try (InputStream in = c.getInputStream()) { in.readAllBytes(); }
+            via = c.getHeaderField("Via");
+            c.disconnect();
+            if (status == 200) ok++;
+        }
+        System.out.println("ok=" + ok + " via=" + via);
+    }
+}
+"#,
+    );
+    let javac = std::process::Command::new("javac")
+        .args(["-d", &dir.0.display().to_string(), &src])
+        .output()
+        .unwrap();
+    assert!(javac.status.success(), "{javac:?}");
+    let out = tokio::process::Command::new("java")
+        .args([
+            "-cp",
+            &dir.0.display().to_string(),
+            &format!("-Dhttp.proxyHost={}", p.ip()),
+            &format!("-Dhttp.proxyPort={}", p.port()),
+            // Java skips proxies for 127.* by default; this origin is there.
+            "-Dhttp.nonProxyHosts=",
+            "ProxyClient",
+            &format!("http://{}/bytes/64", o.addr),
+            "200",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("ok=200 via=1.1 loopmux"), "{stdout}");
+    let accepted = o.stats.accepted.load(Ordering::Relaxed);
+    assert!((1..=2).contains(&accepted), "origin accepted {accepted}");
+}
