@@ -337,6 +337,15 @@ pub fn analyze(sockets: &[SockEntry], sysctls: Sysctls) -> Report {
     }
 }
 
+/// Past this many destinations at risk, one `http` listener per
+/// destination (and an app change for each) is a burden: one forward
+/// proxy, set once with `http_proxy`, covers them all.
+const FORWARD_SUGGESTION_AT: usize = 4;
+
+/// The most destinations a suggested allow list names; the rest are left
+/// to the operator (a comment says how many).
+const FORWARD_SUGGESTION_MAX: usize = 64;
+
 fn suggest(dests: &[Destination]) -> Option<String> {
     let mut remotes: Vec<SocketAddr> = Vec::new();
     for d in dests {
@@ -344,12 +353,12 @@ fn suggest(dests: &[Destination]) -> Option<String> {
         {
             remotes.push(d.remote);
         }
-        if remotes.len() == 3 {
-            break;
-        }
     }
     if remotes.is_empty() {
         return None;
+    }
+    if remotes.len() >= FORWARD_SUGGESTION_AT {
+        return Some(suggest_forward(&remotes));
     }
     let mut out =
         String::from("# Point the application at the listener instead of the remote address.\n");
@@ -362,6 +371,38 @@ fn suggest(dests: &[Destination]) -> Option<String> {
         );
     }
     Some(out)
+}
+
+/// One forward listener for many destinations: the apps get `http_proxy`
+/// instead of a new address per destination.
+fn suggest_forward(remotes: &[SocketAddr]) -> String {
+    let mut out = format!(
+        "# {} destinations are at risk: one forward proxy covers them all.\n\
+         # Start the applications with http_proxy=http://127.0.0.1:3128\n\
+         # (Java: -Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort=3128 -Dhttp.nonProxyHosts=).\n\
+         # Apps that call them by name: list the names (\"api.example.com:443\"),\n\
+         # since a rule on an address does not allow a name.\n",
+        remotes.len()
+    );
+    if remotes.len() > FORWARD_SUGGESTION_MAX {
+        let _ = writeln!(
+            out,
+            "# The {} most loaded are listed; add the other {}.",
+            FORWARD_SUGGESTION_MAX,
+            remotes.len() - FORWARD_SUGGESTION_MAX
+        );
+    }
+    let allow: Vec<String> = remotes
+        .iter()
+        .take(FORWARD_SUGGESTION_MAX)
+        .map(|r| format!("\"{r}\""))
+        .collect();
+    let _ = write!(
+        out,
+        "\n[[listener]]\nname = \"egress\"\nbind = \"127.0.0.1:3128\"\nmode = \"forward\"\nclient_keepalive = false\nallow = [{}]\n\n[forward_defaults]\nmax_connections = 8\n",
+        allow.join(", ")
+    );
+    out
 }
 
 /// Reads sockets and sysctls from `src` and analyzes them.
@@ -518,5 +559,39 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["verdict"], "exhausted");
         assert_eq!(json["destinations"][0]["time_wait"], 950);
+    }
+
+    #[test]
+    fn pressure_on_many_destinations_suggests_one_forward_listener() {
+        let sysctls = Sysctls::parse("40000 40999", |_| None);
+        let mut sockets = Vec::new();
+        // Five destinations, each with 700 of 1,000 ports in TIME_WAIT.
+        for d in 0..5u16 {
+            for p in 0..700u16 {
+                sockets.push(SockEntry {
+                    local: SocketAddr::new("198.18.0.11".parse().unwrap(), 40000 + p),
+                    remote: SocketAddr::new("198.18.0.2".parse().unwrap(), 9000 + d),
+                    state: TIME_WAIT,
+                });
+            }
+        }
+        let r = analyze(&sockets, sysctls.clone());
+        let cfg = r.suggested_config.as_deref().unwrap();
+        assert!(cfg.contains("mode = \"forward\""), "{cfg}");
+        assert!(cfg.contains("http_proxy=http://127.0.0.1:3128"), "{cfg}");
+        for d in 0..5 {
+            assert!(
+                cfg.contains(&format!("\"198.18.0.2:{}\"", 9000 + d)),
+                "{cfg}"
+            );
+        }
+        let c = crate::config::load_str(cfg, Default::default()).unwrap();
+        assert_eq!(c.listeners[0].mode, crate::config::Mode::Forward);
+        // Three or fewer: one http listener each, as before.
+        sockets.retain(|s| s.remote.port() < 9003);
+        let r = analyze(&sockets, sysctls);
+        let cfg = r.suggested_config.as_deref().unwrap();
+        assert!(!cfg.contains("forward"), "{cfg}");
+        assert_eq!(cfg.matches("[[listener]]").count(), 3, "{cfg}");
     }
 }

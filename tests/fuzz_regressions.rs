@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "../fuzz/harness/allow.rs"]
+mod allow_harness;
 #[path = "../fuzz/harness/config.rs"]
 mod config_harness;
 #[path = "../fuzz/harness/proc_net_tcp.rs"]
@@ -54,4 +56,9 @@ fn proc_net_tcp_inputs() {
 #[test]
 fn request_inputs() {
     replay("request", request_harness::run);
+}
+
+#[test]
+fn allow_inputs() {
+    replay("allow", allow_harness::run);
 }
