@@ -37,6 +37,7 @@ pub struct Metrics {
     fwd_tunnels_active: Family<Labels, Gauge>,
     fwd_tunnel_failures: Family<Labels, Counter>,
     fwd_tunnel_bytes: Family<Labels, Counter>,
+    fwd_tunnel_closed: Family<Labels, Counter>,
 }
 
 /// A forward listener's own handles.
@@ -56,6 +57,8 @@ pub struct ForwardStats {
     /// Bytes the tunnels carried toward the upstream and toward the client.
     pub tunnel_bytes_upstream: Counter,
     pub tunnel_bytes_client: Counter,
+    /// Tunnels loopmux closed: idle for `idle_timeout`, or cut by a drain.
+    pub tunnel_closed_idle_or_cut: Counter,
 }
 
 /// One listener's handles: cloned `Arc`s, so recording is an atomic op.
@@ -102,6 +105,7 @@ impl Metrics {
             fwd_tunnels_active: Family::default(),
             fwd_tunnel_failures: Family::default(),
             fwd_tunnel_bytes: Family::default(),
+            fwd_tunnel_closed: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("loopmux");
         r.register(
@@ -169,6 +173,11 @@ impl Metrics {
             "Bytes carried by CONNECT tunnels, by direction (upstream: from the client to the origin)",
             m.fwd_tunnel_bytes.clone(),
         );
+        r.register(
+            "forward_tunnels_closed_by_loopmux",
+            "CONNECT tunnels loopmux closed: idle for forward_defaults.idle_timeout, or cut at the end of a drain",
+            m.fwd_tunnel_closed.clone(),
+        );
         r.register_collector(Box::new(UpstreamCollector { shared }));
         m
     }
@@ -192,6 +201,7 @@ impl Metrics {
         let tunnel_failures = get(&self.fwd_tunnel_failures, None);
         let tunnel_bytes_upstream = get(&self.fwd_tunnel_bytes, Some(("direction", "upstream")));
         let tunnel_bytes_client = get(&self.fwd_tunnel_bytes, Some(("direction", "client")));
+        let tunnel_closed_idle_or_cut = get(&self.fwd_tunnel_closed, None);
         let origins = self.fwd_origins.get_or_create(&l).clone();
         let tunnels_active = self.fwd_tunnels_active.get_or_create(&l).clone();
         ForwardStats {
@@ -203,6 +213,7 @@ impl Metrics {
             tunnel_failures,
             tunnel_bytes_upstream,
             tunnel_bytes_client,
+            tunnel_closed_idle_or_cut,
         }
     }
 

@@ -556,3 +556,114 @@ public class ProxyClient {
     let accepted = o.stats.accepted.load(Ordering::Relaxed);
     assert!((1..=2).contains(&accepted), "origin accepted {accepted}");
 }
+
+/// Opens a CONNECT tunnel to `to` and returns the stream after the `200`.
+async fn open_tunnel(proxy: SocketAddr, to: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(WAIT, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_after_idle_timeout_and_a_busy_one_is_not() {
+    let echo = echo_after_eof().await;
+    let (_app, p, admin) = proxy(
+        "allow = [\"127.0.0.1:*\"]",
+        "[forward_defaults]\nidle_timeout = \"400ms\"",
+    )
+    .await;
+    // Bytes every 100 ms for 1.2 s (three idle timeouts): it stays open.
+    let mut busy = open_tunnel(p, echo).await;
+    for _ in 0..12 {
+        busy.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    busy.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, busy.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"xxxxxxxxxxxx");
+    // Silent: loopmux closes it (the echo server would wait forever).
+    let mut idle = open_tunnel(p, echo).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle tunnel stayed open");
+    assert_eq!(
+        metric(
+            admin,
+            "loopmux_forward_tunnels_closed_by_loopmux_total",
+            &[("listener", "fwd")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_waits_for_a_tunnel_then_cuts_it() {
+    let echo = echo_after_eof().await;
+    let (app, p, _admin) = proxy("allow = [\"127.0.0.1:*\"]", "").await;
+    let mut t = open_tunnel(p, echo).await;
+    // The tunnel is open and silent: the drain cannot finish cleanly.
+    let clean = app.stop(Duration::from_millis(500)).await;
+    assert!(!clean, "the drain should report the tunnel it had to cut");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, t.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel survived the drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_allow_list_and_a_change_of_mode() {
+    let o = origin().await;
+    let cfg = |mode_keys: &str| {
+        loopmux::config::load_str(
+            &format!(
+                "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n{mode_keys}\n\n[[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+                o.addr
+            ),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let first = cfg("mode = \"forward\"\nallow = [\"192.0.2.1:80\"]");
+    let bound = loopmux::app::bind_all(&first).unwrap();
+    let mut app = loopmux::app::App::start(first, bound).await.unwrap();
+    let p = app.local_addrs()[0];
+    let absolute = format!("GET http://{}/bytes/2 HTTP/1.1\r\nHost: x\r\n\r\n", o.addr);
+    assert_eq!(exchange(p, absolute.as_bytes(), WAIT).await.status, 403);
+
+    app.reload(cfg(&format!(
+        "mode = \"forward\"\nallow = [\"{}\"]",
+        o.addr
+    )))
+    .await
+    .unwrap();
+    assert_eq!(app.local_addrs()[0], p, "the socket is kept");
+    assert_eq!(exchange(p, absolute.as_bytes(), WAIT).await.status, 200);
+
+    // forward → http on the same socket: origin-form now goes to `u`.
+    app.reload(cfg("upstream = \"u\"")).await.unwrap();
+    assert_eq!(app.local_addrs()[0], p);
+    let direct = exchange(p, b"GET /bytes/4 HTTP/1.1\r\nHost: x\r\n\r\n", WAIT).await;
+    assert_eq!(direct.status, 200, "{}", direct.head);
+    assert_eq!(direct.body, b"xxxx");
+    app.stop(Duration::from_secs(2)).await;
+}

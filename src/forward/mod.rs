@@ -371,6 +371,7 @@ impl Forward {
                         upstream: dialed,
                         target: target.to_string(),
                         in_flight,
+                        idle_timeout: cfg.origin.idle_timeout,
                     });
                 }
                 Err(e) => {
