@@ -35,8 +35,9 @@ pub enum ProxyError {
     #[error("{0} is not supported by an http listener")]
     MethodNotAllowed(http::Method),
     /// A forward listener's routing refused the request.
+    /// Boxed: every request's result is as large as its largest error.
     #[error(transparent)]
-    Forward(#[from] crate::forward::ForwardError),
+    Forward(Box<crate::forward::ForwardError>),
 }
 
 impl ProxyError {
@@ -60,11 +61,12 @@ impl ProxyError {
         match self {
             ProxyError::Upstream(e) => e.side(),
             ProxyError::ResponseCoding { .. } => Side::Upstream,
-            ProxyError::Forward(
+            ProxyError::Forward(f) => match **f {
                 crate::forward::ForwardError::Connect { .. }
-                | crate::forward::ForwardError::Unresolved { .. },
-            ) => Side::Upstream,
-            ProxyError::Forward(crate::forward::ForwardError::OriginsFull { .. }) => Side::Loopmux,
+                | crate::forward::ForwardError::Unresolved { .. } => Side::Upstream,
+                crate::forward::ForwardError::OriginsFull { .. } => Side::Loopmux,
+                _ => Side::Client,
+            },
             _ => Side::Client,
         }
     }

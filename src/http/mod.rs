@@ -108,7 +108,9 @@ impl HttpServer {
     pub async fn serve(&self, stream: TcpStream, watcher: Watcher) {
         if let Some(f) = self.proxy.forward_routing() {
             let stats = f.stats.clone();
-            self.serve_forward(stream, &stats).await;
+            // Boxed: its state (a connection with upgrades, a tunnel) would
+            // otherwise grow every http-mode connection's task too.
+            Box::pin(self.serve_forward(stream, &stats)).await;
             // Held to here: the listener's drain waits for this connection,
             // its tunnel included.
             drop(watcher);

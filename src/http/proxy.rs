@@ -175,7 +175,9 @@ impl Proxy {
                 req,
                 None,
             ),
-            Route::Forward(f) => match self.route_forward(f, req, &method).await {
+            // Boxed: routing state is forward mode's alone; inline it would
+            // grow every http-mode request's future.
+            Route::Forward(f) => match Box::pin(self.route_forward(f, req, &method)).await {
                 Ok((route, req)) => (route.upstream, req, Some(route.guard)),
                 Err((resp, label)) => {
                     let status = resp.status().as_u16();
@@ -268,7 +270,7 @@ impl Proxy {
     ) -> Result<(ForwardRoute, Request<Incoming>), (Response<RespBody>, String)> {
         let refused = |e: ForwardError| {
             tracing::debug!(listener = %self.listener, %method, status = e.status().as_u16(), error = %e, "forward request refused");
-            let e = ProxyError::Forward(e);
+            let e = ProxyError::Forward(Box::new(e));
             (e.into_response(""), "forward".to_string())
         };
         if *method == Method::CONNECT {
