@@ -355,8 +355,11 @@ impl App {
                 }
                 None => match old.iter().position(|r| same(&r.cfg, lc)) {
                     Some(pos) => {
-                        // Same socket, new mode: the old routing drains.
-                        let prev = old.swap_remove(pos);
+                        // Same socket, new mode: the old routing drains. Its
+                        // accept loop stops first, so that every connection
+                        // from now on reaches the new mode.
+                        let mut prev = old.swap_remove(pos);
+                        prev.stop_accepting().await;
                         let mut r = self.running(lc, prev.socket.clone(), prev.addr, up);
                         r.limit = prev.limit.clone();
                         r.limit.resize(lc.max_clients);

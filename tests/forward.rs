@@ -667,3 +667,92 @@ async fn a_reload_applies_a_new_allow_list_and_a_change_of_mode() {
     assert_eq!(direct.body, b"xxxx");
     app.stop(Duration::from_secs(2)).await;
 }
+
+/// One client connection, requests to two origins (one over IPv6): each
+/// goes to its own origin, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_on_one_connection_go_to_their_own_origins() {
+    let a = origin().await;
+    let Ok(b) = Origin::start("[::1]:0".parse().unwrap()).await else {
+        eprintln!("SKIPPED the IPv6 half: ::1 cannot be bound here");
+        return;
+    };
+    let (_app, p, _admin) = proxy("allow = [\"127.0.0.1:*\", \"[::1]:*\"]", "").await;
+    let mut s = TcpStream::connect(p).await.unwrap();
+    s.write_all(
+        format!(
+            "GET http://{}/bytes/3 HTTP/1.1\r\nHost: x\r\n\r\nGET http://[::1]:{}/bytes/5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            a.addr,
+            b.addr.port()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    // In order: 3 bytes from the first origin, then 5 from the second.
+    let first = out.find("\r\n3\r\nxxx\r\n").expect("first body");
+    let second = out.find("\r\n5\r\nxxxxx\r\n").expect("second body");
+    assert!(first < second, "{out}");
+    assert_eq!(a.stats.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(b.stats.requests.load(Ordering::Relaxed), 1);
+}
+
+/// Peers that vanish in the middle of a tunnel: the other side is closed,
+/// nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_ends_when_either_peer_vanishes() {
+    // The origin resets after the first bytes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resetting = l.local_addr().unwrap();
+    let (saw_eof_tx, mut saw_eof) = tokio::sync::mpsc::channel::<bool>(4);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = l.accept().await {
+            n += 1;
+            if n == 1 {
+                let mut b = [0u8; 4];
+                let _ = s.read_exact(&mut b).await;
+                // SO_LINGER 0: close sends RST.
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                drop(s);
+            } else {
+                // Waits for the client side to vanish.
+                let tx = saw_eof_tx.clone();
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let r = s.read_to_end(&mut sink).await;
+                    let _ = tx.send(r.is_ok() || r.is_err()).await;
+                });
+            }
+        }
+    });
+    let (_app, p, _admin) = proxy("allow = [\"127.0.0.1:*\"]", "").await;
+
+    let mut t = open_tunnel(p, resetting).await;
+    t.write_all(b"ping").await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, t.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the client was left hanging after the origin reset"
+    );
+
+    // The client resets: the origin's side is closed too.
+    let t = open_tunnel(p, resetting).await;
+    socket2::SockRef::from(&t)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(t);
+    let seen = tokio::time::timeout(WAIT, saw_eof.recv()).await;
+    assert!(
+        matches!(seen, Ok(Some(true))),
+        "the origin's side stayed open after the client vanished"
+    );
+}

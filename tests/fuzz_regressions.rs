@@ -62,3 +62,8 @@ fn request_inputs() {
 fn allow_inputs() {
     replay("allow", allow_harness::run);
 }
+
+#[test]
+fn forward_request_inputs() {
+    replay("forward_request", request_harness::run_forward);
+}

@@ -1,5 +1,7 @@
 #![no_main]
 
+// The harness serves both request targets; each uses one entry point.
+#[allow(dead_code)]
 #[path = "../harness/request.rs"]
 mod harness;
 
