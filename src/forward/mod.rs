@@ -230,12 +230,25 @@ impl Forward {
                 max: full.0,
             }
         })?;
-        let up = guard
+        // The first request resolves the name; a resolver that does not
+        // answer must not hold it longer than a connect would. Cancelled,
+        // the origin stays unstarted and the next request tries again.
+        let start = guard
             .origin()
             .upstream
-            .get_or_init(|| self.start_origin(cfg, target))
-            .await
-            .clone();
+            .get_or_init(|| self.start_origin(cfg, target));
+        let up = match tokio::time::timeout(cfg.origin.connect_timeout, start).await {
+            Ok(up) => up.clone(),
+            Err(_) => {
+                return Err(ForwardError::Unresolved {
+                    target: target.to_string(),
+                    reason: format!(
+                        "no answer from the resolver within connect_timeout ({})",
+                        humantime::format_duration(cfg.origin.connect_timeout)
+                    ),
+                })
+            }
+        };
         self.stats.origins.set(self.origins.len() as i64);
         if let Some(v) = up.vetoed() {
             return Err(self.vetoed(target, v));
