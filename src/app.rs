@@ -5,20 +5,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, Mode};
 use crate::forward::Forward;
 use crate::http::proxy::Proxy;
-use crate::http::{Drain, HttpServer};
+use crate::http::HttpServer;
 use crate::listener;
+use crate::listener::{Drain, Drained, Handler};
 use crate::metrics::Metrics;
 use crate::state::{ListenerInfo, Shared};
+use crate::tcp::TcpServer;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,27 +62,64 @@ pub fn bind_all(cfg: &Config) -> Result<Bound, listener::BindError> {
     Ok(Bound { listeners, admin })
 }
 
+/// What a listener's connections are served by, kept across reloads.
+enum Serving {
+    /// `http` and `forward`.
+    Proxy(Arc<Proxy>),
+    Tcp(Arc<TcpServer>),
+}
+
+impl Serving {
+    fn upstream(&self) -> Option<Arc<Upstream>> {
+        match self {
+            Serving::Proxy(p) => p.upstream(),
+            Serving::Tcp(t) => Some(t.upstream()),
+        }
+    }
+
+    fn forward(&self) -> Option<&Arc<Forward>> {
+        match self {
+            Serving::Proxy(p) => p.forward_routing(),
+            Serving::Tcp(_) => None,
+        }
+    }
+
+    fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
+        match (self, up) {
+            (Serving::Proxy(p), up) => p.reconfigure(up, lc),
+            (Serving::Tcp(t), Some(up)) => t.reconfigure(up, lc),
+            (Serving::Tcp(_), None) => {}
+        }
+    }
+
+    /// The handler for new connections, under `lc`'s settings.
+    fn handler(&self, lc: &ListenerConfig) -> Handler {
+        match self {
+            Serving::Proxy(p) => Handler::Http(Arc::new(HttpServer::new(lc, p.clone()))),
+            Serving::Tcp(t) => Handler::Tcp(t.clone()),
+        }
+    }
+}
+
 /// One serving listener.
 struct Running {
     cfg: ListenerConfig,
     socket: Arc<TcpListener>,
     addr: SocketAddr,
-    proxy: Arc<Proxy>,
+    serving: Serving,
     /// `max_clients`, kept across reloads.
     limit: Arc<listener::ClientLimit>,
-    /// Tracks this listener's client connections, for its drain. The one
-    /// other reference is held by the accept loop while it runs.
-    graceful: Arc<GracefulShutdown>,
-    /// The drain as forward connections (and their tunnels) watch it.
-    drain: Drain,
+    /// Every open client connection of this listener, whatever its mode,
+    /// and the signals that end them.
+    drain: Arc<Drain>,
     /// Stops the current accept loop (a reload starts a new one).
     accepting: CancellationToken,
     accept: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting and waits for the accept loop to end, so that the
-    /// listener's `GracefulShutdown` has no other owner afterwards.
+    /// Stops accepting and waits for the accept loop to end, so that no
+    /// connection starts after the drain has begun.
     async fn stop_accepting(&mut self) {
         self.accepting.cancel();
         if let Some(h) = self.accept.take() {
@@ -89,27 +127,27 @@ impl Running {
         }
     }
 
-    /// Stops accepting, then lets open connections finish for up to `drain`.
-    /// Returns `true` if they all did.
-    async fn drain(mut self, drain: Duration) -> bool {
+    /// Stops accepting, then lets open connections finish for up to `drain`
+    /// and cuts the rest.
+    async fn drain(mut self, drain: Duration) -> Drained {
         self.stop_accepting().await;
         // Close the listening socket now: new clients are refused at once
         // (and fail over) instead of waiting in a backlog nobody reads.
         let Running {
             socket,
-            graceful,
             drain: signals,
+            cfg,
             ..
         } = self;
         drop(socket);
-        signals.begun.cancel();
-        let clean = match Arc::try_unwrap(graceful) {
-            Ok(g) => tokio::time::timeout(drain, g.shutdown()).await.is_ok(),
-            Err(_) => false,
-        };
-        // Tunnels still open are cut now.
-        signals.deadline.cancel();
-        clean
+        let open = signals.open();
+        let drained = signals.run(drain).await;
+        if drained.clean() {
+            tracing::info!(listener = %cfg.name, connections = open, "listener drained");
+        } else {
+            tracing::warn!(listener = %cfg.name, connections = open, cut = drained.cut, drain = %humantime::format_duration(drain), "drain timeout: connections still open were cut");
+        }
+        drained
     }
 }
 
@@ -204,18 +242,30 @@ impl App {
         addr: SocketAddr,
         up: Option<Arc<Upstream>>,
     ) -> Running {
-        let forward = lc
-            .forward
-            .is_some()
-            .then(|| Forward::new(lc, addr, self.metrics.forward(&lc.name)));
+        let serving = match (lc.mode, up) {
+            (Mode::Tcp, Some(up)) => {
+                Serving::Tcp(Arc::new(TcpServer::new(lc, up, self.metrics.tcp(&lc.name))))
+            }
+            (_, up) => {
+                let forward = lc
+                    .forward
+                    .is_some()
+                    .then(|| Forward::new(lc, addr, self.metrics.forward(&lc.name)));
+                Serving::Proxy(Arc::new(Proxy::new(
+                    lc,
+                    up,
+                    forward,
+                    self.metrics.listener(&lc.name),
+                )))
+            }
+        };
         Running {
             cfg: lc.clone(),
             socket,
             addr,
-            proxy: Arc::new(Proxy::new(lc, up, forward, self.metrics.listener(&lc.name))),
+            serving,
             limit: Arc::new(listener::ClientLimit::new(lc.max_clients)),
-            graceful: Arc::new(GracefulShutdown::new()),
-            drain: Drain::default(),
+            drain: Arc::default(),
             accepting: CancellationToken::new(),
             accept: None,
         }
@@ -227,7 +277,10 @@ impl App {
     async fn spawn_accept(&self, r: &mut Running) {
         r.stop_accepting().await;
         r.accepting = CancellationToken::new();
-        match (r.proxy.upstream(), r.proxy.forward_routing()) {
+        match (r.serving.upstream(), r.serving.forward()) {
+            (Some(up), _) if r.cfg.mode == Mode::Tcp => {
+                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "tcp", upstream = %up.cfg.name, sources = up.cfg.source_addresses.len(), idle_timeout = %humantime::format_duration(r.cfg.idle_timeout), "listening");
+            }
             (Some(up), _) => {
                 tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
             }
@@ -237,13 +290,13 @@ impl App {
             }
             (None, None) => {}
         }
-        let server = Arc::new(HttpServer::new(&r.cfg, r.proxy.clone(), r.drain.clone()));
+        let handler = r.serving.handler(&r.cfg);
         r.accept = Some(tokio::spawn(listener::accept_loop(
             r.socket.clone(),
             r.cfg.name.clone(),
             r.limit.clone(),
-            server,
-            r.graceful.clone(),
+            handler,
+            r.drain.clone(),
             r.accepting.clone(),
             self.metrics.listener(&r.cfg.name),
         )));
@@ -258,7 +311,7 @@ impl App {
                 bind: r.addr,
                 mode: r.cfg.mode.as_str(),
                 upstream: r
-                    .proxy
+                    .serving
                     .upstream()
                     .map(|u| u.cfg.name.clone())
                     .unwrap_or_default(),
@@ -268,7 +321,7 @@ impl App {
         let forwards = self
             .listeners
             .iter()
-            .filter_map(|r| r.proxy.forward_routing().cloned())
+            .filter_map(|r| r.serving.forward().cloned())
             .collect();
         self.shared.publish(upstreams, infos, forwards);
     }
@@ -348,7 +401,7 @@ impl App {
             let mut r = match pos {
                 Some(pos) => {
                     let mut r = old.swap_remove(pos);
-                    r.proxy.reconfigure(up, lc);
+                    r.serving.reconfigure(up, lc);
                     r.limit.resize(lc.max_clients);
                     r.cfg = lc.clone();
                     r
@@ -410,10 +463,7 @@ impl App {
             .collect();
         let mut clean = true;
         for r in results {
-            clean &= r.await.unwrap_or(false);
-        }
-        if !clean {
-            tracing::warn!(drain = %humantime::format_duration(drain), "drain timeout: cutting remaining client connections");
+            clean &= r.await.is_ok_and(|d| d.clean());
         }
         self.retired.close();
         let _ = tokio::time::timeout(drain, self.retired.wait()).await;

@@ -17,6 +17,7 @@ pub mod sockopt;
 pub mod stall;
 pub mod state;
 pub mod systemd;
+pub mod tcp;
 pub mod upstream;
 
 /// Not the proxy: the demo, with its origin server and load driver (also

@@ -1,5 +1,6 @@
 //! Binding and accepting: one task per client connection, spawned before
-//! any I/O on it; a semaphore bounds how many are open at once.
+//! any I/O on it; a semaphore bounds how many are open at once. Each
+//! connection goes to its mode's [`Handler`]; one [`Drain`] ends them all.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::ListenerConfig;
@@ -93,6 +95,77 @@ impl ClientLimit {
     }
 }
 
+/// A listener's drain, as every connection of every mode sees it.
+#[derive(Clone, Default)]
+pub struct Drain {
+    /// Cancelled when the drain starts: an HTTP connection closes after its
+    /// current exchange; a raw connection goes on until the deadline.
+    pub begun: CancellationToken,
+    /// Cancelled at the drain's deadline: what is still open is cut.
+    pub deadline: CancellationToken,
+    /// Every open connection, of every mode.
+    open: TaskTracker,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open at the deadline (and then cut).
+    pub cut: usize,
+}
+
+impl Drained {
+    pub fn clean(&self) -> bool {
+        self.cut == 0
+    }
+}
+
+/// After the deadline, how long cut connections get to close (their
+/// tasks only have to notice the cancellation).
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
+impl Drain {
+    /// Signals every open connection, waits up to `timeout` for them, then
+    /// cuts the rest. The accept loop must have stopped first.
+    pub async fn run(&self, timeout: Duration) -> Drained {
+        self.begun.cancel();
+        self.open.close();
+        if tokio::time::timeout(timeout, self.open.wait())
+            .await
+            .is_ok()
+        {
+            return Drained { cut: 0 };
+        }
+        let cut = self.open.len();
+        self.deadline.cancel();
+        let _ = tokio::time::timeout(CUT_GRACE, self.open.wait()).await;
+        Drained { cut }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+}
+
+/// What serves a listener's connections: one per mode.
+#[derive(Clone)]
+pub enum Handler {
+    /// `http` and `forward`: hyper's HTTP/1 server.
+    Http(Arc<HttpServer>),
+    /// `tcp`: one upstream connection per client connection.
+    Tcp(Arc<crate::tcp::TcpServer>),
+}
+
+impl Handler {
+    async fn serve(&self, stream: tokio::net::TcpStream, drain: &Drain) {
+        match self {
+            Handler::Http(h) => h.serve(stream, drain).await,
+            Handler::Tcp(t) => t.serve(stream, drain).await,
+        }
+    }
+}
+
 /// A warning at most this often while a listener sits at its limit.
 const LIMIT_WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -138,13 +211,13 @@ async fn admit(
 }
 
 /// Accepts until `shutdown` is cancelled, handing each connection to
-/// `server` in its own task.
+/// `handler` in its own task, tracked by `drain`.
 pub async fn accept_loop(
     listener: Arc<TcpListener>,
     name: String,
     limit: Arc<ClientLimit>,
-    server: Arc<HttpServer>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    handler: Handler,
+    drain: Arc<Drain>,
     shutdown: CancellationToken,
     stats: crate::metrics::ListenerStats,
 ) {
@@ -162,14 +235,14 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 stats.accepted.inc();
                 let active = stats.active.clone();
-                let server = server.clone();
-                let watcher = graceful.watcher();
+                let handler = handler.clone();
+                let conn_drain = drain.clone();
                 let span = tracing::debug_span!("conn", listener = %name, client.addr = %peer);
-                tokio::spawn(
+                drain.open.spawn(
                     async move {
                         let _permit = permit;
                         active.inc();
-                        server.serve(stream, watcher).await;
+                        handler.serve(stream, &conn_drain).await;
                         active.dec();
                     }
                     .instrument(span),

@@ -33,11 +33,8 @@ pub struct Metrics {
     duration: Family<Labels, Histogram, fn() -> Histogram>,
     fwd_origins: Family<Labels, Gauge>,
     fwd_refused: Family<Labels, Counter>,
-    fwd_tunnels: Family<Labels, Counter>,
-    fwd_tunnels_active: Family<Labels, Gauge>,
-    fwd_tunnel_failures: Family<Labels, Counter>,
-    fwd_tunnel_bytes: Family<Labels, Counter>,
-    fwd_tunnel_closed: Family<Labels, Counter>,
+    fwd_tunnels: RawFamilies,
+    tcp: RawFamilies,
 }
 
 /// A forward listener's own handles.
@@ -49,16 +46,108 @@ pub struct ForwardStats {
     pub denied: Counter,
     /// … and because they would loop back into the proxy.
     pub loops: Counter,
-    /// CONNECT tunnels opened (upstream dialed).
-    pub tunnels: Counter,
-    pub tunnels_active: Gauge,
-    /// CONNECTs whose dial failed, and tunnels that ended in an error.
-    pub tunnel_failures: Counter,
-    /// Bytes the tunnels carried toward the upstream and toward the client.
-    pub tunnel_bytes_upstream: Counter,
-    pub tunnel_bytes_client: Counter,
-    /// Tunnels loopmux closed: idle for `idle_timeout`, or cut by a drain.
-    pub tunnel_closed_idle_or_cut: Counter,
+    /// CONNECT tunnels.
+    pub tunnels: RawStats,
+}
+
+/// Raw byte relays of one listener: `tcp` connections, or CONNECT tunnels.
+#[derive(Clone)]
+pub struct RawStats {
+    /// Upstream connections opened for a client.
+    pub opened: Counter,
+    pub active: Gauge,
+    /// Upstream dials that failed (the client was closed or reset).
+    pub connect_failures: Counter,
+    /// Relays that ended in a read or write error (a reset).
+    pub errors: Counter,
+    /// Bytes read from the client (sent on upstream), and from the upstream.
+    pub bytes_upstream: Counter,
+    pub bytes_client: Counter,
+    /// Relays loopmux ended: idle for `idle_timeout`, or cut by a drain.
+    pub closed_by_loopmux: Counter,
+}
+
+/// The metric families behind [`RawStats`], under one prefix.
+struct RawFamilies {
+    opened: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
+    connect_failures: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    closed: Family<Labels, Counter>,
+}
+
+impl RawFamilies {
+    /// `what`: the relays in help texts ("CONNECT tunnels").
+    fn register(r: &mut Registry, prefix: &str, what: &str) -> RawFamilies {
+        let f = RawFamilies {
+            opened: Family::default(),
+            active: Family::default(),
+            connect_failures: Family::default(),
+            errors: Family::default(),
+            bytes: Family::default(),
+            closed: Family::default(),
+        };
+        r.register(
+            format!("{prefix}_connections"),
+            format!("{what}: upstream connections opened"),
+            f.opened.clone(),
+        );
+        r.register(
+            format!("{prefix}_connections_active"),
+            format!("{what} open now"),
+            f.active.clone(),
+        );
+        r.register(
+            format!("{prefix}_connect_failures"),
+            format!("{what}: upstream dials that failed"),
+            f.connect_failures.clone(),
+        );
+        r.register(
+            format!("{prefix}_errors"),
+            format!("{what} that ended in a read or write error"),
+            f.errors.clone(),
+        );
+        r.register(
+            format!("{prefix}_bytes"),
+            format!("Bytes carried by {what}, by direction (upstream: from the client)"),
+            f.bytes.clone(),
+        );
+        r.register(
+            format!("{prefix}_closed_by_loopmux"),
+            format!("{what} loopmux closed: idle for idle_timeout, or cut at the end of a drain"),
+            f.closed.clone(),
+        );
+        f
+    }
+
+    fn get(&self, listener: &str) -> RawStats {
+        let l: Labels = vec![("listener", listener.to_string())];
+        let dir = |d: &str| {
+            let mut l = l.clone();
+            l.push(("direction", d.to_string()));
+            l
+        };
+        // One statement per handle: a family's read guard lives to the end
+        // of its statement, and a second get_or_create in the same one
+        // would wait for its write lock forever.
+        let opened = self.opened.get_or_create(&l).clone();
+        let active = self.active.get_or_create(&l).clone();
+        let connect_failures = self.connect_failures.get_or_create(&l).clone();
+        let errors = self.errors.get_or_create(&l).clone();
+        let bytes_upstream = self.bytes.get_or_create(&dir("upstream")).clone();
+        let bytes_client = self.bytes.get_or_create(&dir("client")).clone();
+        let closed_by_loopmux = self.closed.get_or_create(&l).clone();
+        RawStats {
+            opened,
+            active,
+            connect_failures,
+            errors,
+            bytes_upstream,
+            bytes_client,
+            closed_by_loopmux,
+        }
+    }
 }
 
 /// One listener's handles: cloned `Arc`s, so recording is an atomic op.
@@ -91,6 +180,7 @@ impl ListenerStats {
 impl Metrics {
     /// Registers everything under `loopmux_`.
     pub fn new(registry: &mut Registry, shared: Arc<Shared>) -> Metrics {
+        let r = registry.sub_registry_with_prefix("loopmux");
         let m = Metrics {
             accepted: Family::default(),
             active: Family::default(),
@@ -101,13 +191,9 @@ impl Metrics {
             duration: Family::new_with_constructor(new_histogram),
             fwd_origins: Family::default(),
             fwd_refused: Family::default(),
-            fwd_tunnels: Family::default(),
-            fwd_tunnels_active: Family::default(),
-            fwd_tunnel_failures: Family::default(),
-            fwd_tunnel_bytes: Family::default(),
-            fwd_tunnel_closed: Family::default(),
+            fwd_tunnels: RawFamilies::register(r, "forward_tunnel", "CONNECT tunnels"),
+            tcp: RawFamilies::register(r, "tcp", "tcp listener connections"),
         };
-        let r = registry.sub_registry_with_prefix("loopmux");
         r.register(
             "listener_connections_accepted",
             "Client connections accepted",
@@ -153,68 +239,28 @@ impl Metrics {
             "Forward requests and CONNECTs refused, by reason (denied: the allow list; loop: the proxy's own address)",
             m.fwd_refused.clone(),
         );
-        r.register(
-            "forward_tunnels",
-            "CONNECT tunnels opened",
-            m.fwd_tunnels.clone(),
-        );
-        r.register(
-            "forward_tunnels_active",
-            "CONNECT tunnels open now",
-            m.fwd_tunnels_active.clone(),
-        );
-        r.register(
-            "forward_tunnel_failures",
-            "CONNECTs that could not be dialed, and tunnels that ended in an error",
-            m.fwd_tunnel_failures.clone(),
-        );
-        r.register(
-            "forward_tunnel_bytes",
-            "Bytes carried by CONNECT tunnels, by direction (upstream: from the client to the origin)",
-            m.fwd_tunnel_bytes.clone(),
-        );
-        r.register(
-            "forward_tunnels_closed_by_loopmux",
-            "CONNECT tunnels loopmux closed: idle for forward_defaults.idle_timeout, or cut at the end of a drain",
-            m.fwd_tunnel_closed.clone(),
-        );
         r.register_collector(Box::new(UpstreamCollector { shared }));
         m
     }
 
     pub fn forward(&self, name: &str) -> ForwardStats {
-        let l: Labels = vec![("listener", name.to_string())];
-        // One statement per handle: a family's read guard lives to the end
-        // of its statement, and a second get_or_create in the same one
-        // would wait for its write lock forever.
-        let get = |f: &Family<Labels, Counter>, extra: Option<(&'static str, &str)>| {
-            let mut l = l.clone();
-            if let Some((k, v)) = extra {
-                l.push((k, v.to_string()));
-            }
-            let c = f.get_or_create(&l).clone();
-            c
-        };
-        let denied = get(&self.fwd_refused, Some(("reason", "denied")));
-        let loops = get(&self.fwd_refused, Some(("reason", "loop")));
-        let tunnels = get(&self.fwd_tunnels, None);
-        let tunnel_failures = get(&self.fwd_tunnel_failures, None);
-        let tunnel_bytes_upstream = get(&self.fwd_tunnel_bytes, Some(("direction", "upstream")));
-        let tunnel_bytes_client = get(&self.fwd_tunnel_bytes, Some(("direction", "client")));
-        let tunnel_closed_idle_or_cut = get(&self.fwd_tunnel_closed, None);
-        let origins = self.fwd_origins.get_or_create(&l).clone();
-        let tunnels_active = self.fwd_tunnels_active.get_or_create(&l).clone();
+        let reason = |r: &str| vec![("listener", name.to_string()), ("reason", r.to_string())];
+        let denied = self.fwd_refused.get_or_create(&reason("denied")).clone();
+        let loops = self.fwd_refused.get_or_create(&reason("loop")).clone();
+        let origins = self
+            .fwd_origins
+            .get_or_create(&vec![("listener", name.to_string())])
+            .clone();
         ForwardStats {
             origins,
             denied,
             loops,
-            tunnels,
-            tunnels_active,
-            tunnel_failures,
-            tunnel_bytes_upstream,
-            tunnel_bytes_client,
-            tunnel_closed_idle_or_cut,
+            tunnels: self.fwd_tunnels.get(name),
         }
+    }
+
+    pub fn tcp(&self, name: &str) -> RawStats {
+        self.tcp.get(name)
     }
 
     pub fn listener(&self, name: &str) -> ListenerStats {

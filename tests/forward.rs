@@ -372,7 +372,7 @@ async fn connect_carries_exact_bytes_and_half_close() {
     assert_eq!(
         metric(
             admin,
-            "loopmux_forward_tunnels_total",
+            "loopmux_forward_tunnel_connections_total",
             &[("listener", "fwd")]
         )
         .await,
@@ -609,7 +609,7 @@ async fn an_idle_tunnel_is_closed_after_idle_timeout_and_a_busy_one_is_not() {
     assert_eq!(
         metric(
             admin,
-            "loopmux_forward_tunnels_closed_by_loopmux_total",
+            "loopmux_forward_tunnel_closed_by_loopmux_total",
             &[("listener", "fwd")]
         )
         .await,

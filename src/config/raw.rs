@@ -237,6 +237,8 @@ pub struct RawListener {
     pub max_origins: Field<usize>,
     pub originate_tls: Field<Vec<String>>,
     pub via: Field<bool>,
+    pub idle_timeout: Field<String>,
+    pub on_connect_error: Field<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

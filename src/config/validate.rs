@@ -47,6 +47,18 @@ pub enum Mode {
     /// An HTTP proxy for apps with `HTTP_PROXY`: absolute-form requests
     /// over per-origin pools, `CONNECT` as raw tunnels.
     Forward,
+    /// Any TCP: one upstream connection per client connection.
+    Tcp,
+}
+
+/// What a `tcp` listener does to its client when the upstream cannot be
+/// dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConnectError {
+    /// A FIN: the client reads EOF.
+    Close,
+    /// An RST: the client's next read or write fails at once.
+    Reset,
 }
 
 impl Mode {
@@ -54,6 +66,7 @@ impl Mode {
         match self {
             Mode::Http => "http",
             Mode::Forward => "forward",
+            Mode::Tcp => "tcp",
         }
     }
 }
@@ -95,6 +108,10 @@ pub struct ListenerConfig {
     /// The client must move request body bytes, and take response bytes,
     /// at least this often.
     pub body_timeout: Duration,
+    /// `tcp`: a connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// `tcp`: what the client gets when no upstream can be dialed.
+    pub on_connect_error: OnConnectError,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,6 +209,10 @@ pub mod defaults {
     /// A host's apps call tens of services, not thousands; past this an
     /// app is crawling, and idle origins make room.
     pub const MAX_ORIGINS: usize = 256;
+    /// `tcp` listeners: what Envoy's tcp_proxy uses. Apps that keep a
+    /// database connection idle for minutes are not cut; a peer that
+    /// vanished without a FIN is, eventually (keepalive finds most first).
+    pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     /// Covers the JSON and form bodies of typical API calls, so a slow
     /// uploader of one holds no upstream connection; worst case
@@ -764,10 +785,13 @@ fn listener(
     let mode = match c.get(k("mode"), &l.mode).map(|m| m.trim()) {
         None | Some("http") => Some(Mode::Http),
         Some("forward") => Some(Mode::Forward),
-        Some(m @ ("tcp" | "tunnel")) => {
+        Some("tcp") => Some(Mode::Tcp),
+        Some(m @ "tunnel") => {
             c.fail(
                 k("mode"),
-                format!("`{m}` is not available in this version; use \"http\""),
+                format!(
+                    "`{m}` is not available in this version; use \"http\", \"forward\" or \"tcp\""
+                ),
             );
             None
         }
@@ -798,6 +822,36 @@ fn listener(
             None
         }
     };
+    if mode == Some(Mode::Tcp) {
+        // HTTP-only keys on a raw listener: a mistake worth naming.
+        for (field, given) in [
+            ("client_keepalive", l.client_keepalive != Field::Missing),
+            ("header_timeout", l.header_timeout != Field::Missing),
+            ("max_header_bytes", l.max_header_bytes != Field::Missing),
+            ("access_log", l.access_log != Field::Missing),
+            (
+                "request_buffer_bytes",
+                l.request_buffer_bytes != Field::Missing,
+            ),
+            ("body_timeout", l.body_timeout != Field::Missing),
+        ] {
+            if given {
+                c.fail(
+                    k(field),
+                    "only applies to HTTP listeners (mode = \"http\" or \"forward\")",
+                );
+            }
+        }
+    } else {
+        for (field, given) in [
+            ("idle_timeout", l.idle_timeout != Field::Missing),
+            ("on_connect_error", l.on_connect_error != Field::Missing),
+        ] {
+            if given {
+                c.fail(k(field), "only applies to mode = \"tcp\"");
+            }
+        }
+    }
     let upstream = match (mode, c.get(k("upstream"), &l.upstream).map(|u| u.trim())) {
         (Some(Mode::Forward), None) => None,
         (Some(Mode::Forward), Some(_)) => {
@@ -807,11 +861,27 @@ fn listener(
             );
             None
         }
-        (_, None | Some("")) => {
-            c.fail(k("upstream"), "is required for mode = \"http\"");
+        (m, None | Some("")) => {
+            c.fail(
+                k("upstream"),
+                format!(
+                    "is required for mode = \"{}\"",
+                    m.unwrap_or(Mode::Http).as_str()
+                ),
+            );
             None
         }
-        (_, Some(u)) => match upstreams.iter().position(|up| up.name == u) {
+        (m, Some(u)) => match upstreams.iter().position(|up| up.name == u) {
+            Some(idx) if m == Some(Mode::Tcp) => {
+                let up = &upstreams[idx];
+                if up.tls.is_some() || up.protocol != Protocol::Http1 {
+                    c.fail(
+                        k("upstream"),
+                        format!("upstream `{u}` has tls or protocol = \"{}\": a tcp listener carries raw bytes over plain TCP", up.protocol.as_str()),
+                    );
+                }
+                Some(idx)
+            }
             Some(idx) => Some(idx),
             None => {
                 c.fail(k("upstream"), format!("no [[upstream]] is named `{u}`"));
@@ -820,9 +890,28 @@ fn listener(
         },
     };
     let mode = mode?;
-    if mode == Mode::Http && upstream.is_none() {
+    if matches!(mode, Mode::Http | Mode::Tcp) && upstream.is_none() {
         return None;
     }
+    let idle_timeout = c.duration(
+        k("idle_timeout"),
+        &l.idle_timeout,
+        defaults::TCP_IDLE_TIMEOUT,
+    );
+    let on_connect_error = match c
+        .get(k("on_connect_error"), &l.on_connect_error)
+        .map(|v| v.trim())
+    {
+        None | Some("close") => OnConnectError::Close,
+        Some("reset") => OnConnectError::Reset,
+        Some(v) => {
+            c.fail(
+                k("on_connect_error"),
+                format!("`{v}` is not one of close, reset"),
+            );
+            OnConnectError::Close
+        }
+    };
     if mode == Mode::Forward && forward.is_none() {
         return None;
     }
@@ -865,6 +954,8 @@ fn listener(
         max_header_bytes,
         request_buffer_bytes,
         body_timeout,
+        idle_timeout,
+        on_connect_error,
     })
 }
 

@@ -15,7 +15,7 @@ use crate::allow::{Denial, Host};
 use crate::config::{EndpointAddr, ForwardConfig, ListenerConfig, Protocol};
 use crate::metrics::ForwardStats;
 use crate::upstream::dialer::{DialError, Dialer};
-use crate::upstream::{AddressVeto, StartWith, Upstream, Vetoed};
+use crate::upstream::{AddressVeto, RawDialError, StartWith, Upstream, Vetoed};
 use origins::{OriginGuard, Origins};
 use target::{Target, TargetError};
 
@@ -366,44 +366,29 @@ impl Forward {
         let cfg = self.config();
         let target = self.admit(&cfg, target::of_connect(uri)?)?;
         let route = self.origin(&cfg, &target).await?;
-        let up = &route.upstream;
-        let tries = up.endpoints().len().clamp(1, 3);
-        let mut last = None;
-        for _ in 0..tries {
-            let Some(in_flight) = up.pick() else { break };
-            let ep = in_flight.endpoint().clone();
-            match up.dialer.dial(ep.addr).await {
-                Ok(dialed) => {
-                    up.mark_ok(&ep);
-                    ep.connects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.stats.tunnels.inc();
-                    return Ok(tunnel::PendingTunnel {
-                        on_upgrade,
-                        lease: up.dialer.lease(dialed.source),
-                        upstream: dialed,
-                        target: target.to_string(),
-                        in_flight,
-                        idle_timeout: cfg.origin.idle_timeout,
-                    });
-                }
-                Err(e) => {
-                    ep.record_connect_error(&e);
-                    up.mark_failed(&ep);
-                    last = Some(e);
-                }
+        match route.upstream.dial_raw().await {
+            Ok(raw) => {
+                self.stats.tunnels.opened.inc();
+                Ok(tunnel::PendingTunnel {
+                    on_upgrade,
+                    upstream: raw,
+                    target: target.to_string(),
+                    idle_timeout: cfg.origin.idle_timeout,
+                })
             }
-        }
-        self.stats.tunnel_failures.inc();
-        match last {
-            Some(source) => Err(ForwardError::Connect {
-                target: target.to_string(),
-                source,
-            }),
-            None => Err(ForwardError::Unresolved {
-                target: target.to_string(),
-                reason: "resolves to no address".into(),
-            }),
+            Err(e) => {
+                self.stats.tunnels.connect_failures.inc();
+                Err(match e {
+                    RawDialError::Dial(source) => ForwardError::Connect {
+                        target: target.to_string(),
+                        source,
+                    },
+                    RawDialError::NoEndpoint => ForwardError::Unresolved {
+                        target: target.to_string(),
+                        reason: "resolves to no address".into(),
+                    },
+                })
+            }
         }
     }
 

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
+use crate::listener::Drain;
 use crate::stall::StallIo;
 use body::RespStream;
 use proxy::Proxy;
@@ -69,23 +68,10 @@ pub struct HttpServer {
     proxy: Arc<Proxy>,
     /// A client that takes no response bytes for this long is cut.
     body_timeout: std::time::Duration,
-    drain: Drain,
-}
-
-/// A listener's drain, as its connections see it. hyper-util's graceful
-/// watcher cannot watch a connection with upgrades (CONNECT), so forward
-/// connections watch these instead.
-#[derive(Clone, Default)]
-pub struct Drain {
-    /// Cancelled when the drain starts: finish the current exchange, then
-    /// close.
-    pub begun: CancellationToken,
-    /// Cancelled at the drain's deadline: tunnels are cut.
-    pub deadline: CancellationToken,
 }
 
 impl HttpServer {
-    pub fn new(cfg: &ListenerConfig, proxy: Arc<Proxy>, drain: Drain) -> Self {
+    pub fn new(cfg: &ListenerConfig, proxy: Arc<Proxy>) -> Self {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -100,20 +86,17 @@ impl HttpServer {
             builder,
             proxy,
             body_timeout: cfg.body_timeout,
-            drain,
         }
     }
 
-    /// Serves one client connection to its end.
-    pub async fn serve(&self, stream: TcpStream, watcher: Watcher) {
+    /// Serves one client connection to its end: after its current
+    /// exchange once the drain has begun, at once at its deadline.
+    pub async fn serve(&self, stream: TcpStream, drain: &Drain) {
         if let Some(f) = self.proxy.forward_routing() {
-            let stats = f.stats.clone();
+            let stats = f.stats.tunnels.clone();
             // Boxed: its state (a connection with upgrades, a tunnel) would
             // otherwise grow every http-mode connection's task too.
-            Box::pin(self.serve_forward(stream, &stats)).await;
-            // Held to here: the listener's drain waits for this connection,
-            // its tunnel included.
-            drop(watcher);
+            Box::pin(self.serve_forward(stream, &stats, drain)).await;
             return;
         }
         let proxy = self.proxy.clone();
@@ -128,7 +111,9 @@ impl HttpServer {
         });
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
         let conn = self.builder.serve_connection(io, svc);
-        if let Err(e) = watcher.watch(conn).await {
+        tokio::pin!(conn);
+        let done = until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
+        if let Some(Err(e)) = done {
             self.proxy.connection_error(&e);
         }
     }
@@ -137,7 +122,12 @@ impl HttpServer {
 impl HttpServer {
     /// A forward connection: requests as in `serve`, and `CONNECT`, whose
     /// tunnel runs here once hyper hands the connection over.
-    async fn serve_forward(&self, stream: TcpStream, stats: &crate::metrics::ForwardStats) {
+    async fn serve_forward(
+        &self,
+        stream: TcpStream,
+        stats: &crate::metrics::RawStats,
+        drain: &Drain,
+    ) {
         let proxy = self.proxy.clone();
         let tunnel: Arc<std::sync::Mutex<Option<crate::forward::tunnel::PendingTunnel>>> =
             Arc::default();
@@ -159,19 +149,34 @@ impl HttpServer {
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
         let conn = self.builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
-        let done = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = self.drain.begun.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.as_mut().await
-            }
-        };
-        if let Err(e) = done {
+        let done = until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
+        if let Some(Err(e)) = done {
             self.proxy.connection_error(&e);
         }
         let pending = tunnel.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = pending {
-            crate::forward::tunnel::run(t, self.drain.deadline.clone(), stats).await;
+            crate::forward::tunnel::run(t, drain.deadline.clone(), stats).await;
+        }
+    }
+}
+
+/// Runs a hyper connection to its end; once the drain has begun it closes
+/// after its current exchange (`shutdown`), and at the deadline it is cut
+/// (`None`).
+async fn until_drained<C: std::future::Future>(
+    mut conn: std::pin::Pin<&mut C>,
+    drain: &Drain,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Option<C::Output> {
+    tokio::select! {
+        biased;
+        r = conn.as_mut() => Some(r),
+        _ = drain.begun.cancelled() => {
+            shutdown(conn.as_mut());
+            tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = drain.deadline.cancelled() => None,
+            }
         }
     }
 }

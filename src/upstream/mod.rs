@@ -396,6 +396,63 @@ impl Upstream {
     }
 }
 
+/// A raw connection to one of an upstream's endpoints (`tcp` mode,
+/// CONNECT tunnels): no pool, one per client connection.
+pub struct RawConn {
+    pub stream: tokio::net::TcpStream,
+    pub local: SocketAddr,
+    pub endpoint: SocketAddr,
+    /// Counts the connection against its endpoint (balancing; a forward
+    /// origin with one is busy) and its source, until dropped.
+    pub in_flight: InFlight,
+    pub lease: Option<dialer::SourceLease>,
+}
+
+/// Why no raw connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RawDialError {
+    #[error("no endpoint address is resolved")]
+    NoEndpoint,
+    #[error(transparent)]
+    Dial(#[from] dialer::DialError),
+}
+
+impl Upstream {
+    /// Dials one endpoint (least in flight, not backing off) through the
+    /// dialer; after a failure, up to two other endpoints, the failed one
+    /// in back-off.
+    ///
+    /// # Errors
+    /// The last dial's failure (destination, source, errno).
+    pub async fn dial_raw(&self) -> Result<RawConn, RawDialError> {
+        let tries = self.endpoints().len().clamp(1, 3);
+        let mut last = RawDialError::NoEndpoint;
+        for _ in 0..tries {
+            let Some(in_flight) = self.pick() else { break };
+            let ep = in_flight.endpoint().clone();
+            match self.dialer.dial(ep.addr).await {
+                Ok(d) => {
+                    self.mark_ok(&ep);
+                    ep.connects.fetch_add(1, Ordering::Relaxed);
+                    return Ok(RawConn {
+                        lease: self.dialer.lease(d.source),
+                        local: d.local,
+                        endpoint: ep.addr,
+                        stream: d.stream,
+                        in_flight,
+                    });
+                }
+                Err(e) => {
+                    ep.record_connect_error(&e);
+                    self.mark_failed(&ep);
+                    last = e.into();
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
 async fn refresh_loop(weak: Weak<Upstream>, period: std::time::Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

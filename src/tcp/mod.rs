@@ -1,0 +1,103 @@
+//! The `tcp` mode: any TCP protocol. Nothing can be multiplexed (the bytes
+//! are opaque), so each client connection gets one upstream connection;
+//! what loopmux adds is the source-IP pool (more 4-tuples toward one
+//! destination), `IP_BIND_ADDRESS_NO_PORT`, failover between sources and
+//! endpoints, and an exact, half-close-aware relay.
+
+pub mod relay;
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::config::{ListenerConfig, OnConnectError};
+use crate::listener::Drain;
+use crate::metrics::RawStats;
+use crate::upstream::{RawConn, Upstream};
+
+/// One `tcp` listener's handler; shared by its connections.
+pub struct TcpServer {
+    listener: Arc<str>,
+    /// Swapped by a reload; each connection reads it once.
+    upstream: RwLock<Arc<Upstream>>,
+    idle_timeout_ms: AtomicU64,
+    /// 0: close, 1: reset.
+    on_connect_error: AtomicU8,
+    pub stats: RawStats,
+}
+
+fn action_code(a: OnConnectError) -> u8 {
+    match a {
+        OnConnectError::Close => 0,
+        OnConnectError::Reset => 1,
+    }
+}
+
+impl TcpServer {
+    pub fn new(lc: &ListenerConfig, upstream: Arc<Upstream>, stats: RawStats) -> Self {
+        TcpServer {
+            listener: lc.name.as_str().into(),
+            upstream: RwLock::new(upstream),
+            idle_timeout_ms: AtomicU64::new(lc.idle_timeout.as_millis() as u64),
+            on_connect_error: AtomicU8::new(action_code(lc.on_connect_error)),
+            stats,
+        }
+    }
+
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.upstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reload: new connections use `up` and `lc`'s settings; open ones
+    /// carry on as they started.
+    pub fn reconfigure(&self, up: Arc<Upstream>, lc: &ListenerConfig) {
+        *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = up;
+        self.idle_timeout_ms
+            .store(lc.idle_timeout.as_millis() as u64, Ordering::Relaxed);
+        self.on_connect_error
+            .store(action_code(lc.on_connect_error), Ordering::Relaxed);
+    }
+
+    /// Serves one client connection: dial, relay, close. A drain gives it
+    /// the drain time, then cuts it.
+    pub async fn serve(&self, client: TcpStream, drain: &Drain) {
+        let up = self.upstream();
+        let dialed = tokio::select! {
+            r = up.dial_raw() => r,
+            _ = drain.deadline.cancelled() => return,
+        };
+        let raw = match dialed {
+            Ok(raw) => raw,
+            Err(e) => {
+                self.stats.connect_failures.inc();
+                let reset = self.on_connect_error.load(Ordering::Relaxed) == 1;
+                tracing::warn!(listener = %self.listener, upstream = %up.cfg.name, error = %e, action = if reset { "reset" } else { "close" }, "tcp: no upstream connection; client connection closed");
+                if reset {
+                    // SO_LINGER 0: the close sends an RST, so the client
+                    // fails at once instead of reading a clean EOF.
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                }
+                return;
+            }
+        };
+        self.stats.opened.inc();
+        let RawConn {
+            stream,
+            local,
+            endpoint,
+            in_flight,
+            lease,
+        } = raw;
+        let _ = client.set_nodelay(true);
+        let idle = Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed));
+        let r = relay::relay(client, stream, idle, &drain.deadline, &self.stats).await;
+        tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %endpoint, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tcp connection ended");
+        drop(in_flight);
+        drop(lease);
+    }
+}
