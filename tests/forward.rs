@@ -303,26 +303,6 @@ async fn max_origins_drops_the_least_recently_used_idle_origin_and_never_a_busy_
     assert_eq!(ok.body, b"xxx");
 }
 
-/// A TCP server that reads everything until the client's FIN, then sends
-/// it all back and closes: the tunnel must carry both directions exactly
-/// and pass the half-close on while the other way keeps flowing.
-async fn echo_after_eof() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut all = Vec::new();
-                if s.read_to_end(&mut all).await.is_ok() {
-                    let _ = s.write_all(&all).await;
-                    let _ = s.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_carries_exact_bytes_and_half_close() {
     let echo = echo_after_eof().await;

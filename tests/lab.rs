@@ -83,7 +83,7 @@ impl Lab {
         for ns in [&lab.cli, &lab.srv] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        for a in CLIENT_IPS {
+        for a in CLIENT_IPS.iter().chain(TCP_SOURCE_IPS.iter()) {
             ip(&[
                 "-n",
                 &lab.cli,
@@ -193,6 +193,9 @@ fn exhaustion_lab() {
             let behind = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, 9001))
                 .await
                 .unwrap();
+            for port in [TCP_PORT_FOUR, TCP_PORT_ONE] {
+                tokio::spawn(pong_server(SocketAddr::new(ip, port)));
+            }
             let forward_origin =
                 loopmux::demo::origin::Origin::start(SocketAddr::new(ip, FORWARD_PORT))
                     .await
@@ -303,7 +306,10 @@ fn exhaustion_lab() {
 
             // 5. Forward mode: the load a client with http_proxy sends.
             let forward = forward_phase(direct_addr, forward_stats_cli).await;
-            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward)
+
+            // 6. tcp mode: raw connections, the client closes first.
+            let tcp = tcp_phase().await;
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward, tcp)
         })
     })
     .join();
@@ -320,6 +326,7 @@ fn exhaustion_lab() {
         h2_connects,
         h2_time_wait,
         forward,
+        tcp,
     ) = result.expect("client side of the lab panicked");
     println!(
         "diagnose in the client namespace after the direct phase:\n{}",
@@ -437,6 +444,156 @@ fn exhaustion_lab() {
     assert_eq!(forward.curl_ok, FORWARD_CURLS, "curl with http_proxy");
     assert_eq!(forward.denied_status, 403);
     assert!(forward.tunnel_exact, "CONNECT tunnel bytes");
+
+    println!(
+        "tcp mode ({TCP_CONNECTIONS} raw connections, client closes first, 1,000-port range):"
+    );
+    println!("| sources | ok | errors | EADDRNOTAVAIL at loopmux's dialer | TIME_WAIT toward the server (client ns) |");
+    println!("|---|---|---|---|---|");
+    for (n, r) in [(TCP_SOURCE_IPS.len(), &tcp.four), (1, &tcp.one)] {
+        println!(
+            "| {n} | {} | {} | {} | {} |",
+            r.ok, r.errors, r.eaddrnotavail, r.time_wait
+        );
+    }
+    assert_eq!(tcp.four.ok, TCP_CONNECTIONS, "four sources: {:?}", tcp.four);
+    assert_eq!(tcp.four.errors, 0);
+    assert_eq!(tcp.four.eaddrnotavail, 0);
+    assert!(
+        tcp.one.errors > 0 && tcp.one.eaddrnotavail > 0,
+        "one source must run out of ports: {:?}",
+        tcp.one
+    );
+    assert!(tcp.one.ok <= 1_100, "one source: {:?}", tcp.one);
+}
+
+/// Client addresses only the tcp phase uses (its TIME_WAIT must not mix
+/// with the other phases').
+const TCP_SOURCE_IPS: [&str; 4] = ["198.18.0.21", "198.18.0.22", "198.18.0.23", "198.18.0.24"];
+const TCP_PORT_FOUR: u16 = 9100;
+const TCP_PORT_ONE: u16 = 9101;
+const TCP_CONNECTIONS: usize = 3_500;
+
+/// A raw request/response server: reads a line, answers `pong`, then waits
+/// for the client to close (a client that closes first).
+async fn pong_server(addr: SocketAddr) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    while let Ok((s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let mut s = tokio::io::BufReader::new(s);
+            let mut line = String::new();
+            if s.read_line(&mut line).await.is_err() {
+                return;
+            }
+            if s.get_mut().write_all(b"pong\n").await.is_err() {
+                return;
+            }
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+struct TcpRun {
+    ok: usize,
+    errors: usize,
+    eaddrnotavail: u64,
+    time_wait: usize,
+}
+
+struct TcpFigures {
+    four: TcpRun,
+    one: TcpRun,
+}
+
+/// `n` raw connections to `to`, 8 at a time: `ping`, read `pong`, close
+/// first. Each leaves from its own 127.1.x.y so the client's own TIME_WAIT
+/// on loopback (the narrowed range applies there too) is no limit.
+async fn raw_load(to: SocketAddr, n: usize) -> (usize, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut err) = (0, 0);
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return (ok, err);
+                }
+                let src = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250) as u8 + 1);
+                let one = async {
+                    // NO_PORT: a port taken by bind() would block that port
+                    // for every connect() in the namespace (the bind bucket
+                    // is per port), halving what loopmux's dialer can use.
+                    let sock = socket2::Socket::new(
+                        socket2::Domain::IPV4,
+                        socket2::Type::STREAM.nonblocking(),
+                        None,
+                    )
+                    .ok()?;
+                    loopmux::sockopt::set_bind_address_no_port(&sock).ok()?;
+                    sock.bind(&SocketAddr::new(src.into(), 0).into()).ok()?;
+                    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+                    let mut s = sock.connect(to).await.ok()?;
+                    s.write_all(b"ping\n").await.ok()?;
+                    let mut buf = [0u8; 5];
+                    s.read_exact(&mut buf).await.ok()?;
+                    (&buf == b"pong\n").then_some(())
+                };
+                match tokio::time::timeout(Duration::from_secs(10), one).await {
+                    Ok(Some(())) => ok += 1,
+                    _ => err += 1,
+                }
+            }
+        }));
+    }
+    let (mut ok, mut err) = (0, 0);
+    for w in workers {
+        let (o, e) = w.await.unwrap();
+        ok += o;
+        err += e;
+    }
+    (ok, err)
+}
+
+async fn tcp_phase() -> TcpFigures {
+    let four: SocketAddr = format!("{SERVER_IP}:{TCP_PORT_FOUR}").parse().unwrap();
+    let one: SocketAddr = format!("{SERVER_IP}:{TCP_PORT_ONE}").parse().unwrap();
+    let sources = TCP_SOURCE_IPS.map(|a| format!("\"{a}\"")).join(", ");
+    let toml = format!(
+        "[[listener]]\nname = \"four\"\nbind = \"127.0.0.5:0\"\nmode = \"tcp\"\nupstream = \"four\"\n\n\
+         [[listener]]\nname = \"one\"\nbind = \"127.0.0.6:0\"\nmode = \"tcp\"\nupstream = \"one\"\n\n\
+         [[upstream]]\nname = \"four\"\nendpoints = [\"{four}\"]\nsource_addresses = [{sources}]\n\n\
+         [[upstream]]\nname = \"one\"\nendpoints = [\"{one}\"]\nsource_addresses = [\"{}\"]\n",
+        TCP_SOURCE_IPS[0]
+    );
+    let (app, _) = support::start(&toml).await;
+    let addrs = app.local_addrs();
+    let mut out = TcpFigures {
+        four: TcpRun::default(),
+        one: TcpRun::default(),
+    };
+    for (i, (run, target)) in [(&mut out.four, four), (&mut out.one, one)]
+        .into_iter()
+        .enumerate()
+    {
+        let (ok, errors) = raw_load(addrs[i], TCP_CONNECTIONS).await;
+        run.ok = ok;
+        run.errors = errors;
+        run.eaddrnotavail = app.upstreams()[i]
+            .dialer
+            .sources()
+            .iter()
+            .map(|s| s.addr_not_avail.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        run.time_wait = count_toward(&read_sockets().unwrap(), target, TIME_WAIT);
+    }
+    app.stop(Duration::from_secs(5)).await;
+    out
 }
 
 const FORWARD_PORT: u16 = 9003;

@@ -113,3 +113,23 @@ pub fn assert_check_passes(path: &std::path::Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A TCP server that reads everything until the client's FIN, then sends
+/// it all back and closes: a relay must carry both directions exactly and
+/// pass the half-close on while the other way keeps flowing.
+pub async fn echo_after_eof() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if s.read_to_end(&mut all).await.is_ok() {
+                    let _ = s.write_all(&all).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
