@@ -243,7 +243,7 @@ impl App {
         up: Option<Arc<Upstream>>,
     ) -> Running {
         let serving = match (lc.mode, up) {
-            (Mode::Tcp, Some(up)) => {
+            (Mode::Tcp | Mode::Tunnel, Some(up)) => {
                 Serving::Tcp(Arc::new(TcpServer::new(lc, up, self.metrics.tcp(&lc.name))))
             }
             (_, up) => {
@@ -280,6 +280,15 @@ impl App {
         match (r.serving.upstream(), r.serving.forward()) {
             (Some(up), _) if r.cfg.mode == Mode::Tcp => {
                 tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "tcp", upstream = %up.cfg.name, sources = up.cfg.source_addresses.len(), idle_timeout = %humantime::format_duration(r.cfg.idle_timeout), "listening");
+            }
+            (Some(up), _) if r.cfg.mode == Mode::Tunnel => {
+                let target = r
+                    .cfg
+                    .target
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "tunnel", upstream = %up.cfg.name, %target, max_connections = up.cfg.max_connections, tls = up.cfg.tls.is_some(), "listening");
             }
             (Some(up), _) => {
                 tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");

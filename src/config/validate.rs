@@ -49,6 +49,9 @@ pub enum Mode {
     Forward,
     /// Any TCP: one upstream connection per client connection.
     Tcp,
+    /// Any TCP: one HTTP/2 CONNECT stream per client connection, on a few
+    /// connections to a peer (`[serve]`, or any h2 CONNECT proxy).
+    Tunnel,
 }
 
 /// What a `tcp` listener does to its client when the upstream cannot be
@@ -67,6 +70,7 @@ impl Mode {
             Mode::Http => "http",
             Mode::Forward => "forward",
             Mode::Tcp => "tcp",
+            Mode::Tunnel => "tunnel",
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// `tcp`: what the client gets when no upstream can be dialed.
     pub on_connect_error: OnConnectError,
+    /// `tunnel`: the CONNECT authority (`host:port`).
+    pub target: Option<http::uri::Authority>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -786,15 +792,7 @@ fn listener(
         None | Some("http") => Some(Mode::Http),
         Some("forward") => Some(Mode::Forward),
         Some("tcp") => Some(Mode::Tcp),
-        Some(m @ "tunnel") => {
-            c.fail(
-                k("mode"),
-                format!(
-                    "`{m}` is not available in this version; use \"http\", \"forward\" or \"tcp\""
-                ),
-            );
-            None
-        }
+        Some("tunnel") => Some(Mode::Tunnel),
         Some(m) => {
             c.fail(
                 k("mode"),
@@ -803,9 +801,29 @@ fn listener(
             None
         }
     };
-    if l.target != Field::Missing {
-        c.fail(k("target"), "only applies to mode = \"tunnel\"");
-    }
+    let target = if mode == Some(Mode::Tunnel) {
+        required(c, k("target"), &l.target).and_then(|t| match parse_endpoint(t) {
+            Ok(ep) => match http::uri::Authority::try_from(ep.to_string()) {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    c.fail(
+                        k("target"),
+                        format!("`{t}` is not a valid CONNECT authority"),
+                    );
+                    None
+                }
+            },
+            Err(reason) => {
+                c.fail(k("target"), reason);
+                None
+            }
+        })
+    } else {
+        if l.target != Field::Missing {
+            c.fail(k("target"), "only applies to mode = \"tunnel\"");
+        }
+        None
+    };
     let forward = match mode {
         Some(Mode::Forward) => forward(c, i, l, forward_template).map(Box::new),
         _ => {
@@ -822,7 +840,7 @@ fn listener(
             None
         }
     };
-    if mode == Some(Mode::Tcp) {
+    if matches!(mode, Some(Mode::Tcp | Mode::Tunnel)) {
         // HTTP-only keys on a raw listener: a mistake worth naming.
         for (field, given) in [
             ("client_keepalive", l.client_keepalive != Field::Missing),
@@ -848,7 +866,7 @@ fn listener(
             ("on_connect_error", l.on_connect_error != Field::Missing),
         ] {
             if given {
-                c.fail(k(field), "only applies to mode = \"tcp\"");
+                c.fail(k(field), "only applies to mode = \"tcp\" or \"tunnel\"");
             }
         }
     }
@@ -872,6 +890,16 @@ fn listener(
             None
         }
         (m, Some(u)) => match upstreams.iter().position(|up| up.name == u) {
+            Some(idx) if m == Some(Mode::Tunnel) => {
+                let up = &upstreams[idx];
+                if up.protocol != Protocol::Http2 {
+                    c.fail(
+                        k("upstream"),
+                        format!("upstream `{u}` has protocol = \"{}\": a tunnel listener needs protocol = \"http2\" (one CONNECT stream per client connection)", up.protocol.as_str()),
+                    );
+                }
+                Some(idx)
+            }
             Some(idx) if m == Some(Mode::Tcp) => {
                 let up = &upstreams[idx];
                 if up.tls.is_some() || up.protocol != Protocol::Http1 {
@@ -890,7 +918,7 @@ fn listener(
         },
     };
     let mode = mode?;
-    if matches!(mode, Mode::Http | Mode::Tcp) && upstream.is_none() {
+    if matches!(mode, Mode::Http | Mode::Tcp | Mode::Tunnel) && upstream.is_none() {
         return None;
     }
     let idle_timeout = c.duration(
@@ -956,6 +984,7 @@ fn listener(
         body_timeout,
         idle_timeout,
         on_connect_error,
+        target,
     })
 }
 

@@ -1,10 +1,13 @@
-//! The `tcp` mode: any TCP protocol. Nothing can be multiplexed (the bytes
-//! are opaque), so each client connection gets one upstream connection;
-//! what loopmux adds is the source-IP pool (more 4-tuples toward one
-//! destination), `IP_BIND_ADDRESS_NO_PORT`, failover between sources and
-//! endpoints, and an exact, half-close-aware relay.
+//! The `tcp` and `tunnel` modes: any TCP protocol. `tcp` cannot multiplex
+//! (the bytes are opaque), so each client connection gets one upstream
+//! connection; what loopmux adds is the source-IP pool (more 4-tuples
+//! toward one destination), `IP_BIND_ADDRESS_NO_PORT`, failover between
+//! sources and endpoints, and an exact, half-close-aware relay. `tunnel`
+//! multiplexes for real: each client connection is one HTTP/2 CONNECT
+//! stream on a few long-lived connections to a peer.
 
 pub mod relay;
+pub mod tunnel;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -25,6 +28,8 @@ pub struct TcpServer {
     idle_timeout_ms: AtomicU64,
     /// 0: close, 1: reset.
     on_connect_error: AtomicU8,
+    /// `tunnel`: the CONNECT authority; `None` for `tcp`.
+    target: RwLock<Option<http::uri::Authority>>,
     pub stats: RawStats,
 }
 
@@ -42,6 +47,7 @@ impl TcpServer {
             upstream: RwLock::new(upstream),
             idle_timeout_ms: AtomicU64::new(lc.idle_timeout.as_millis() as u64),
             on_connect_error: AtomicU8::new(action_code(lc.on_connect_error)),
+            target: RwLock::new(lc.target.clone()),
             stats,
         }
     }
@@ -61,11 +67,34 @@ impl TcpServer {
             .store(lc.idle_timeout.as_millis() as u64, Ordering::Relaxed);
         self.on_connect_error
             .store(action_code(lc.on_connect_error), Ordering::Relaxed);
+        *self.target.write().unwrap_or_else(|p| p.into_inner()) = lc.target.clone();
+    }
+
+    /// Closes a client whose upstream could not be opened: a FIN, or an
+    /// RST with `on_connect_error = "reset"`.
+    fn refuse(&self, client: &TcpStream, up: &Upstream, error: &dyn std::fmt::Display) {
+        self.stats.connect_failures.inc();
+        let reset = self.on_connect_error.load(Ordering::Relaxed) == 1;
+        tracing::warn!(listener = %self.listener, upstream = %up.cfg.name, %error, action = if reset { "reset" } else { "close" }, "no upstream connection; client connection closed");
+        if reset {
+            // SO_LINGER 0: the close sends an RST, so the client fails at
+            // once instead of reading a clean EOF.
+            let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+        }
     }
 
     /// Serves one client connection: dial, relay, close. A drain gives it
     /// the drain time, then cuts it.
     pub async fn serve(&self, client: TcpStream, drain: &Drain) {
+        let target = self
+            .target
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(target) = target {
+            // Boxed: the stream's opening state is the tunnel mode's alone.
+            return Box::pin(self.serve_tunnel(client, target, drain)).await;
+        }
         let up = self.upstream();
         let dialed = tokio::select! {
             r = up.dial_raw() => r,
@@ -74,14 +103,7 @@ impl TcpServer {
         let raw = match dialed {
             Ok(raw) => raw,
             Err(e) => {
-                self.stats.connect_failures.inc();
-                let reset = self.on_connect_error.load(Ordering::Relaxed) == 1;
-                tracing::warn!(listener = %self.listener, upstream = %up.cfg.name, error = %e, action = if reset { "reset" } else { "close" }, "tcp: no upstream connection; client connection closed");
-                if reset {
-                    // SO_LINGER 0: the close sends an RST, so the client
-                    // fails at once instead of reading a clean EOF.
-                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                }
+                self.refuse(&client, &up, &e);
                 return;
             }
         };
@@ -99,5 +121,27 @@ impl TcpServer {
         tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %endpoint, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tcp connection ended");
         drop(in_flight);
         drop(lease);
+    }
+
+    /// `tunnel`: one CONNECT stream for this client connection.
+    async fn serve_tunnel(&self, client: TcpStream, target: http::uri::Authority, drain: &Drain) {
+        let up = self.upstream();
+        let opened = tokio::select! {
+            r = tunnel::open(&up, &target) => r,
+            _ = drain.deadline.cancelled() => return,
+        };
+        let t = match opened {
+            Ok(t) => t,
+            Err(e) => {
+                self.refuse(&client, &up, &e);
+                return;
+            }
+        };
+        self.stats.opened.inc();
+        let _ = client.set_nodelay(true);
+        let idle = Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed));
+        let r = relay::relay(client, t.io, idle, &drain.deadline, &self.stats).await;
+        tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %target, endpoint = %t.endpoint, local = %t.local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tunnel stream ended");
+        drop(t.lease);
     }
 }

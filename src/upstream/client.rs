@@ -319,11 +319,15 @@ impl Upstream {
             HostHeader::Keep => None,
             HostHeader::Fixed(v) => Some(v),
         };
-        headers::set_host(r.headers_mut(), fixed, || {
-            HeaderValue::from_str(&ep.addr.to_string()).ok()
-        });
-        if protocol == AppProtocol::Http2 {
-            to_h2(&mut r, self.connector.is_tls(), ep.addr);
+        // A tunnel's CONNECT (RFC 9113 §8.5) is only :method and
+        // :authority: no Host, no :scheme, no :path.
+        if r.method() != Method::CONNECT {
+            headers::set_host(r.headers_mut(), fixed, || {
+                HeaderValue::from_str(&ep.addr.to_string()).ok()
+            });
+            if protocol == AppProtocol::Http2 {
+                to_h2(&mut r, self.connector.is_tls(), ep.addr);
+            }
         }
         let reused = conn.is_reused();
         let first_try = how.is_none();

@@ -1,0 +1,210 @@
+//! The `tunnel` mode against third-party peers: Debian's nghttpx as an
+//! HTTP/2 proxy (`--http2-proxy`, TLS) that hands each CONNECT to
+//! tinyproxy, an HTTP/1 CONNECT proxy, in front of a TCP echo server.
+//! Every client connection is one CONNECT stream; a few TLS connections
+//! carry them all. Loopback only; each process is killed by its pid.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::pki::{Ca, Dir};
+use support::raw_upstream::metric;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A child process, killed (by its pid) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// tinyproxy (HTTP/1 CONNECT) behind nghttpx (HTTP/2 proxy with TLS):
+/// returns the processes and nghttpx's address.
+async fn chain(dir: &Dir, ca: &Ca) -> (Proc, Proc, SocketAddr) {
+    let tiny_port = free_port();
+    // No ConnectPort line: CONNECT to any port (the echo server's).
+    let conf = dir.write(
+        "tinyproxy.conf",
+        &format!(
+            "Port {tiny_port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 200\nAllow 127.0.0.1\nLogLevel Error\nDisableViaHeader Yes\n"
+        ),
+    );
+    let tiny = Proc(
+        Command::new("tinyproxy")
+            .args(["-d", "-c", &conf])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy is installed (.ci/run installs it)"),
+    );
+    wait_listening(format!("127.0.0.1:{tiny_port}").parse().unwrap()).await;
+    let leaf = ca.server(&["localhost"], false);
+    let h2_port = free_port();
+    let nghttpx = Proc(
+        Command::new("nghttpx")
+            .arg("--conf=/dev/null")
+            .arg("--http2-proxy")
+            .arg(format!("--frontend=127.0.0.1,{h2_port}"))
+            .arg(format!("--backend=127.0.0.1,{tiny_port}"))
+            .args(["--workers=1", "--no-ocsp", "--errorlog-file=/dev/null"])
+            // Each CONNECT is one backend connection to tinyproxy; the
+            // default (8) would queue the test's 64 concurrent streams.
+            .arg("--backend-connections-per-host=128")
+            .arg(dir.write("server.key", &leaf.key_pem))
+            .arg(dir.write("server.pem", &leaf.cert_pem))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nghttpx is installed (.ci/run installs nghttp2-proxy)"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{h2_port}").parse().unwrap();
+    wait_listening(addr).await;
+    (tiny, nghttpx, addr)
+}
+
+/// Echoes bytes as they come. The third-party chain is not asked to carry
+/// a half-close: tinyproxy closes both ways on the first FIN (and nghttpx
+/// does not pass END_STREAM on to it as one).
+async fn echo_streaming() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `data` and reads as many bytes back, concurrently.
+async fn round_trip(p: SocketAddr, data: Vec<u8>) -> bool {
+    let s = TcpStream::connect(p).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let n = data.len();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        (w, data)
+    });
+    let mut back = vec![0u8; n];
+    tokio::time::timeout(WAIT, r.read_exact(&mut back))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    let (_w, data) = writer.await.unwrap();
+    back == data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_through_nghttpx_and_tinyproxy() {
+    let echo = echo_streaming().await;
+    let dir = Dir::new();
+    let ca = Ca::new("tunnel test CA");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let (_tiny, _nghttpx, peer) = chain(&dir, &ca).await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tunnel\"\nupstream = \"peer\"\ntarget = \"{echo}\"\n\n\
+         [[upstream]]\nname = \"peer\"\nendpoints = [\"{peer}\"]\nprotocol = \"http2\"\nmax_connections = 2\n\
+         tls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}\n"
+    );
+    let (app, p) = start(&toml).await;
+    let admin = app.admin_addr.unwrap();
+
+    // One large stream, exact both ways.
+    let data: Vec<u8> = (0..(2 << 20)).map(|i: u32| (i * 31 % 256) as u8).collect();
+    assert!(round_trip(p, data).await, "tunnelled bytes differ");
+
+    // 64 client connections at once, 16 KB each: all over ≤ 2 TLS
+    // connections.
+    let mut tasks = Vec::new();
+    for i in 0..64u32 {
+        tasks.push(tokio::spawn(async move {
+            let msg: Vec<u8> = (0..16_384u32).map(|j| ((i + j) % 251) as u8).collect();
+            round_trip(p, msg).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap(), "a concurrent stream came back different");
+    }
+    let connects = app.upstreams()[0]
+        .endpoints()
+        .iter()
+        .map(|e| e.connects.load(std::sync::atomic::Ordering::Relaxed))
+        .sum::<u64>();
+    assert!(
+        (1..=2).contains(&connects),
+        "TLS connections dialed: {connects}"
+    );
+    assert_eq!(
+        metric(admin, "loopmux_tcp_connections_total", &[("listener", "t")]).await,
+        65.0
+    );
+}
+
+/// A CONNECT the peer refuses (tinyproxy cannot reach the target): the
+/// client connection is closed, or reset with on_connect_error = "reset".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_closes_the_client() {
+    let dir = Dir::new();
+    let ca = Ca::new("tunnel test CA");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let (_tiny, _nghttpx, peer) = chain(&dir, &ca).await;
+    let (_guard, refusing) = refusing_addr();
+    for (action, reset) in [("close", false), ("reset", true)] {
+        let toml = format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tunnel\"\nupstream = \"peer\"\ntarget = \"{refusing}\"\non_connect_error = \"{action}\"\n\n\
+             [[upstream]]\nname = \"peer\"\nendpoints = [\"{peer}\"]\nprotocol = \"http2\"\n\
+             tls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}\n"
+        );
+        let (app, p) = start(&toml).await;
+        let mut s = TcpStream::connect(p).await.unwrap();
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+            .await
+            .expect("the client connection was left open");
+        if reset {
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+        } else {
+            assert!(r.is_ok() && out.is_empty(), "{r:?} {out:?}");
+        }
+        assert_eq!(
+            metric(
+                app.admin_addr.unwrap(),
+                "loopmux_tcp_connect_failures_total",
+                &[("listener", "t")]
+            )
+            .await,
+            1.0
+        );
+    }
+}
