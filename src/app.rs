@@ -18,6 +18,7 @@ use crate::http::HttpServer;
 use crate::listener;
 use crate::listener::{Drain, Drained, Handler};
 use crate::metrics::Metrics;
+use crate::serve::ServeServer;
 use crate::state::{ListenerInfo, Shared};
 use crate::tcp::TcpServer;
 use crate::upstream::Upstream;
@@ -67,6 +68,7 @@ enum Serving {
     /// `http` and `forward`.
     Proxy(Arc<Proxy>),
     Tcp(Arc<TcpServer>),
+    Serve(Arc<ServeServer>),
 }
 
 impl Serving {
@@ -74,13 +76,14 @@ impl Serving {
         match self {
             Serving::Proxy(p) => p.upstream(),
             Serving::Tcp(t) => Some(t.upstream()),
+            Serving::Serve(_) => None,
         }
     }
 
     fn forward(&self) -> Option<&Arc<Forward>> {
         match self {
             Serving::Proxy(p) => p.forward_routing(),
-            Serving::Tcp(_) => None,
+            Serving::Tcp(_) | Serving::Serve(_) => None,
         }
     }
 
@@ -89,6 +92,7 @@ impl Serving {
             (Serving::Proxy(p), up) => p.reconfigure(up, lc),
             (Serving::Tcp(t), Some(up)) => t.reconfigure(up, lc),
             (Serving::Tcp(_), None) => {}
+            (Serving::Serve(s), _) => s.reconfigure(lc),
         }
     }
 
@@ -97,6 +101,7 @@ impl Serving {
         match self {
             Serving::Proxy(p) => Handler::Http(Arc::new(HttpServer::new(lc, p.clone()))),
             Serving::Tcp(t) => Handler::Tcp(t.clone()),
+            Serving::Serve(s) => Handler::Serve(s.clone()),
         }
     }
 }
@@ -243,6 +248,7 @@ impl App {
         up: Option<Arc<Upstream>>,
     ) -> Running {
         let serving = match (lc.mode, up) {
+            (Mode::Serve, _) => Serving::Serve(ServeServer::new(lc, addr, self.metrics.serve())),
             (Mode::Tcp | Mode::Tunnel, Some(up)) => {
                 Serving::Tcp(Arc::new(TcpServer::new(lc, up, self.metrics.tcp(&lc.name))))
             }

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod serve;
 pub mod shutdown;
 pub mod sockopt;
 pub mod stall;

@@ -146,6 +146,12 @@ impl Drain {
     pub fn open(&self) -> usize {
         self.open.len()
     }
+
+    /// Runs `task` as part of this listener's connections (a serve-role
+    /// stream's relay): the drain waits for it, then cuts it.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.open.spawn(task);
+    }
 }
 
 /// What serves a listener's connections: one per mode.
@@ -153,15 +159,19 @@ impl Drain {
 pub enum Handler {
     /// `http` and `forward`: hyper's HTTP/1 server.
     Http(Arc<HttpServer>),
-    /// `tcp`: one upstream connection per client connection.
+    /// `tcp` and `tunnel`: one upstream connection or stream per client
+    /// connection.
     Tcp(Arc<crate::tcp::TcpServer>),
+    /// `[serve]`: TLS, then HTTP/2 CONNECT streams.
+    Serve(Arc<crate::serve::ServeServer>),
 }
 
 impl Handler {
-    async fn serve(&self, stream: tokio::net::TcpStream, drain: &Drain) {
+    async fn serve(&self, stream: tokio::net::TcpStream, drain: &Arc<Drain>) {
         match self {
             Handler::Http(h) => h.serve(stream, drain).await,
             Handler::Tcp(t) => t.serve(stream, drain).await,
+            Handler::Serve(s) => s.serve(stream, drain).await,
         }
     }
 }

@@ -35,6 +35,10 @@ pub struct Metrics {
     fwd_refused: Family<Labels, Counter>,
     fwd_tunnels: RawFamilies,
     tcp: RawFamilies,
+    serve_streams: RawFamilies,
+    serve_refused: Family<Labels, Counter>,
+    serve_targets: Family<Labels, Counter>,
+    serve_handshake_failures: Counter,
 }
 
 /// A forward listener's own handles.
@@ -48,6 +52,46 @@ pub struct ForwardStats {
     pub loops: Counter,
     /// CONNECT tunnels.
     pub tunnels: RawStats,
+}
+
+/// The serve role's handles.
+#[derive(Clone)]
+pub struct ServeStats {
+    /// The streams' relays to their targets.
+    pub relays: RawStats,
+    pub handshake_failures: Counter,
+    refused: Family<Labels, Counter>,
+    targets: Family<Labels, Counter>,
+    /// Targets with a label of their own (at most [`MAX_TARGET_LABELS`]).
+    labelled: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Distinct targets with a label of their own in
+/// `loopmux_serve_streams_total`; beyond, they count as `other` (a
+/// wildcard rule could otherwise grow the metrics without bound).
+pub const MAX_TARGET_LABELS: usize = 1000;
+
+impl ServeStats {
+    /// A stream refused: `denied`, `unreachable` or `bad-request`.
+    pub fn refused(&self, reason: &str) {
+        self.refused
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// A stream opened to `target`.
+    pub fn stream_to(&self, target: &str) {
+        let label = {
+            let mut seen = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.contains(target) || seen.len() < MAX_TARGET_LABELS {
+                seen.insert(target.to_string());
+                target.to_string()
+            } else {
+                "other".to_string()
+            }
+        };
+        self.targets.get_or_create(&vec![("target", label)]).inc();
+    }
 }
 
 /// Raw byte relays of one listener: `tcp` connections, or CONNECT tunnels.
@@ -193,6 +237,10 @@ impl Metrics {
             fwd_refused: Family::default(),
             fwd_tunnels: RawFamilies::register(r, "forward_tunnel", "CONNECT tunnels"),
             tcp: RawFamilies::register(r, "tcp", "tcp listener connections"),
+            serve_streams: RawFamilies::register(r, "serve_stream", "serve role streams"),
+            serve_refused: Family::default(),
+            serve_targets: Family::default(),
+            serve_handshake_failures: Counter::default(),
         };
         r.register(
             "listener_connections_accepted",
@@ -239,6 +287,21 @@ impl Metrics {
             "Forward requests and CONNECTs refused, by reason (denied: the allow list; loop: the proxy's own address)",
             m.fwd_refused.clone(),
         );
+        r.register(
+            "serve_refused",
+            "CONNECT streams the serve role refused, by reason (denied, unreachable, bad-request)",
+            m.serve_refused.clone(),
+        );
+        r.register(
+            "serve_streams",
+            "CONNECT streams the serve role opened, by target",
+            m.serve_targets.clone(),
+        );
+        r.register(
+            "serve_handshake_failures",
+            "TLS handshakes of tunnel clients that failed or timed out",
+            m.serve_handshake_failures.clone(),
+        );
         r.register_collector(Box::new(UpstreamCollector { shared }));
         m
     }
@@ -261,6 +324,16 @@ impl Metrics {
 
     pub fn tcp(&self, name: &str) -> RawStats {
         self.tcp.get(name)
+    }
+
+    pub fn serve(&self) -> ServeStats {
+        ServeStats {
+            relays: self.serve_streams.get("serve"),
+            handshake_failures: self.serve_handshake_failures.clone(),
+            refused: self.serve_refused.clone(),
+            targets: self.serve_targets.clone(),
+            labelled: Arc::default(),
+        }
     }
 
     pub fn listener(&self, name: &str) -> ListenerStats {

@@ -399,7 +399,7 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     );
     assert!(log.contains("the running config stays"), "{log}");
     assert!(
-        log.contains("at least one [[listener]] is required"),
+        log.contains("at least one [[listener]] (or a [serve] section) is required"),
         "{log}"
     );
     assert_eq!(
@@ -477,7 +477,7 @@ fn check_is_strict_and_complete() {
             "empty",
             String::new(),
             Some(64),
-            &["listener: at least one [[listener]] is required"],
+            &["listener: at least one [[listener]] (or a [serve] section) is required"],
         ),
         (
             "port0",

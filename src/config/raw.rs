@@ -284,6 +284,16 @@ pub struct RawServe {
     pub allow_remote: Field<bool>,
     pub tls: Option<RawServeTls>,
     pub allow: Field<Vec<String>>,
+    pub allow_unauthenticated: Field<bool>,
+    pub max_connections: Field<usize>,
+    pub max_streams_per_connection: Field<usize>,
+    pub idle_timeout: Field<String>,
+    pub handshake_timeout: Field<String>,
+    pub connect_timeout: Field<String>,
+    pub failure_backoff: Field<String>,
+    pub source_addresses: Field<Vec<String>>,
+    pub stream_window_bytes: Field<usize>,
+    pub connection_window_bytes: Field<usize>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -235,7 +235,7 @@ fn a_config_without_listeners_is_an_error() {
     ] {
         let e = problems(text);
         assert!(
-            e.contains("listener: at least one [[listener]] is required"),
+            e.contains("listener: at least one [[listener]] (or a [serve] section) is required"),
             "{e}"
         );
     }

@@ -52,6 +52,25 @@ pub enum Mode {
     /// Any TCP: one HTTP/2 CONNECT stream per client connection, on a few
     /// connections to a peer (`[serve]`, or any h2 CONNECT proxy).
     Tunnel,
+    /// `[serve]`: the far end of `tunnel`.
+    Serve,
+}
+
+/// `[serve]`: TLS, HTTP/2 CONNECT streams in, allowed targets dialed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub tls: crate::serve::tls::TlsServer,
+    pub allow: AllowList,
+    pub max_streams_per_connection: u32,
+    /// A stream with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// The TLS handshake must finish within this.
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub failure_backoff: Duration,
+    pub source_addresses: Vec<IpAddr>,
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
 }
 
 /// What a `tcp` listener does to its client when the upstream cannot be
@@ -71,6 +90,7 @@ impl Mode {
             Mode::Forward => "forward",
             Mode::Tcp => "tcp",
             Mode::Tunnel => "tunnel",
+            Mode::Serve => "serve",
         }
     }
 }
@@ -118,6 +138,8 @@ pub struct ListenerConfig {
     pub on_connect_error: OnConnectError,
     /// `tunnel`: the CONNECT authority (`host:port`).
     pub target: Option<http::uri::Authority>,
+    /// The `[serve]` section's listener.
+    pub serve: Option<Box<ServeConfig>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -421,15 +443,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         Some(AdminConfig { bind })
     });
 
-    if let Some(serve) = &raw.serve {
-        if serve.bind != Field::Missing || serve.tls.is_some() || serve.allow != Field::Missing {
-            c.fail(
-                "serve",
-                "the serve role (far end of tunnel mode) is not available in this version",
-            );
-        }
-    }
-
     let drain_timeout = match &raw.process {
         Some(p) => c.duration(
             "process.drain_timeout".into(),
@@ -465,12 +478,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         &egress_sources,
     );
 
-    if raw.listeners.is_empty() {
+    if raw.listeners.is_empty() && raw.serve.is_none() {
         // Nothing would be served: for `run` a dead process that looks
         // alive, for a reload the removal of every listener.
         c.fail(
             "listener",
-            "at least one [[listener]] is required (a config without listeners serves nothing)",
+            "at least one [[listener]] (or a [serve] section) is required (a config without listeners serves nothing)",
         );
     }
     let mut listeners = Vec::with_capacity(raw.listeners.len());
@@ -490,6 +503,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                     format!("listener[{i}].bind"),
                     format!("{} is bound by another listener", lc.bind),
                 );
+            }
+            listeners.push(lc);
+        }
+    }
+    if let Some(raw_serve) = &raw.serve {
+        if let Some(lc) = serve(&mut c, raw_serve, &egress_sources) {
+            if lnames.contains(&lc.name) {
+                c.fail(
+                    "serve",
+                    "a [[listener]] is named `serve`, the name the [serve] section's listener has in logs and metrics",
+                );
+            }
+            if lc.bind.port() != 0 && !binds.insert(lc.bind) {
+                c.fail("serve.bind", format!("{} is bound by a listener", lc.bind));
             }
             listeners.push(lc);
         }
@@ -985,6 +1012,7 @@ fn listener(
         idle_timeout,
         on_connect_error,
         target,
+        serve: None,
     })
 }
 
@@ -1056,5 +1084,171 @@ fn forward(
         max_origins,
         via,
         origin,
+    })
+}
+
+/// Defaults of `[serve]`.
+mod serve_defaults {
+    use std::time::Duration;
+    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_STREAMS: usize = 1000;
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// `[serve]`, as the listener that serves it (named `serve`).
+fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option<ListenerConfig> {
+    let k = |field: &str| format!("serve.{field}");
+    let bind = required(c, k("bind"), &s.bind).and_then(|b| c.socket_addr(k("bind"), b));
+    let allow_remote = c.flag(k("allow_remote"), &s.allow_remote, false);
+    if let Some(b) = bind {
+        if !b.ip().is_loopback() && !allow_remote {
+            c.fail(
+                k("bind"),
+                format!("{b} is not a loopback address; set serve.allow_remote = true to accept tunnel clients from other hosts"),
+            );
+        }
+    }
+    let allow_unauthenticated = c.flag(k("allow_unauthenticated"), &s.allow_unauthenticated, false);
+    let path = |c: &mut Checker, field: &str, f: &Field<String>| {
+        c.get(k(field), f)
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let tls = match &s.tls {
+        None => {
+            c.fail(
+                k("tls"),
+                "is required: tls = { cert = \"…\", key = \"…\", client_ca = \"…\" }",
+            );
+            None
+        }
+        Some(t) => {
+            let cert = path(c, "tls.cert", &t.cert);
+            let key = path(c, "tls.key", &t.key);
+            let client_ca = path(c, "tls.client_ca", &t.client_ca);
+            if cert.is_none() {
+                c.fail(k("tls.cert"), "is required");
+            }
+            if key.is_none() {
+                c.fail(k("tls.key"), "is required");
+            }
+            if client_ca.is_none() && !allow_unauthenticated {
+                c.fail(
+                    k("tls.client_ca"),
+                    "is required: tunnel clients must present a certificate from this CA (mTLS), unless serve.allow_unauthenticated = true",
+                );
+            }
+            if client_ca.is_some() && allow_unauthenticated {
+                c.fail(
+                    k("allow_unauthenticated"),
+                    "contradicts tls.client_ca: either require client certificates or do not",
+                );
+            }
+            match (cert, key) {
+                (Some(cert), Some(key)) => {
+                    match crate::serve::tls::build(&cert, &key, client_ca.as_deref()) {
+                        Ok(t) => Some(t),
+                        Err(problems) => {
+                            for p in problems {
+                                c.fail(k(&format!("tls.{}", p.field)), p.reason);
+                            }
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            }
+        }
+    };
+    let empty = Vec::new();
+    let raw_allow = c.get(k("allow"), &s.allow).unwrap_or(&empty);
+    let allow = match AllowList::parse(raw_allow) {
+        Ok(l) if l.is_empty() => {
+            if !matches!(s.allow, Field::Wrong { .. }) {
+                c.fail(k("allow"), "is required and must list at least one target (host:port, *.domain:port, CIDR:port)");
+            }
+            None
+        }
+        Ok(l) => Some(l),
+        Err(errors) => {
+            for (j, reason) in errors {
+                c.fail(format!("{}[{j}]", k("allow")), reason);
+            }
+            None
+        }
+    };
+    let max_connections = c.count(
+        k("max_connections"),
+        &s.max_connections,
+        serve_defaults::MAX_CONNECTIONS,
+        1..=limits::MAX_CLIENTS,
+    );
+    let max_streams = c.count(
+        k("max_streams_per_connection"),
+        &s.max_streams_per_connection,
+        serve_defaults::MAX_STREAMS,
+        1..=limits::STREAMS,
+    ) as u32;
+    let source_addresses = match &s.source_addresses {
+        Field::Missing => egress.to_vec(),
+        given => c.ips(&k("source_addresses"), given),
+    };
+    let cfg = ServeConfig {
+        tls: tls?,
+        allow: allow?,
+        max_streams_per_connection: max_streams,
+        idle_timeout: c.duration(
+            k("idle_timeout"),
+            &s.idle_timeout,
+            serve_defaults::IDLE_TIMEOUT,
+        ),
+        handshake_timeout: c.duration(
+            k("handshake_timeout"),
+            &s.handshake_timeout,
+            serve_defaults::HANDSHAKE_TIMEOUT,
+        ),
+        connect_timeout: c.duration(
+            k("connect_timeout"),
+            &s.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+        ),
+        failure_backoff: c.duration(
+            k("failure_backoff"),
+            &s.failure_backoff,
+            defaults::FAILURE_BACKOFF,
+        ),
+        source_addresses,
+        stream_window_bytes: c.count(
+            k("stream_window_bytes"),
+            &s.stream_window_bytes,
+            defaults::STREAM_WINDOW_BYTES,
+            65_535..=limits::WINDOW_BYTES,
+        ) as u32,
+        connection_window_bytes: c.count(
+            k("connection_window_bytes"),
+            &s.connection_window_bytes,
+            defaults::CONNECTION_WINDOW_BYTES,
+            65_535..=limits::WINDOW_BYTES,
+        ) as u32,
+    };
+    Some(ListenerConfig {
+        name: "serve".into(),
+        bind: bind?,
+        mode: Mode::Serve,
+        upstream: None,
+        forward: None,
+        client_keepalive: true,
+        header_timeout: cfg.handshake_timeout,
+        max_clients: max_connections,
+        max_header_bytes: defaults::MAX_HEADER_BYTES,
+        access_log: false,
+        request_buffer_bytes: 0,
+        body_timeout: defaults::BODY_TIMEOUT,
+        idle_timeout: cfg.idle_timeout,
+        on_connect_error: OnConnectError::Close,
+        target: None,
+        serve: Some(Box::new(cfg)),
     })
 }

@@ -98,7 +98,7 @@ fn dialer_for(cfg: &ForwardConfig) -> Arc<Dialer> {
 
 /// Whether `addr` is the listener at `local` (also when it listens on
 /// every address).
-fn is_self(addr: SocketAddr, local: SocketAddr) -> bool {
+pub(crate) fn is_self(addr: SocketAddr, local: SocketAddr) -> bool {
     let ip = crate::allow::canonical(addr.ip());
     addr.port() == local.port()
         && (ip == crate::allow::canonical(local.ip())

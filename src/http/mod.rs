@@ -163,7 +163,7 @@ impl HttpServer {
 /// Runs a hyper connection to its end; once the drain has begun it closes
 /// after its current exchange (`shutdown`), and at the deadline it is cut
 /// (`None`).
-async fn until_drained<C: std::future::Future>(
+pub(crate) async fn until_drained<C: std::future::Future>(
     mut conn: std::pin::Pin<&mut C>,
     drain: &Drain,
     shutdown: impl FnOnce(std::pin::Pin<&mut C>),

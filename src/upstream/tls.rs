@@ -67,21 +67,25 @@ pub struct TlsProblem {
     pub reason: String,
 }
 
-fn problem(field: &'static str, reason: impl Into<String>) -> TlsProblem {
+pub(crate) fn problem(field: &'static str, reason: impl Into<String>) -> TlsProblem {
     TlsProblem {
         field,
         reason: reason.into(),
     }
 }
 
-fn read(field: &'static str, path: &Path, hasher: &mut impl Hasher) -> Result<Vec<u8>, TlsProblem> {
+pub(crate) fn read(
+    field: &'static str,
+    path: &Path,
+    hasher: &mut impl Hasher,
+) -> Result<Vec<u8>, TlsProblem> {
     let bytes = std::fs::read(path)
         .map_err(|e| problem(field, format!("cannot read {}: {e}", path.display())))?;
     bytes.hash(hasher);
     Ok(bytes)
 }
 
-fn certs(
+pub(crate) fn certs(
     field: &'static str,
     path: &Path,
     pem: &[u8],
@@ -112,7 +116,7 @@ impl SystemRoots {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

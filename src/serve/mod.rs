@@ -1,0 +1,280 @@
+//! The serve role (`[serve]`): the far end of `tunnel` mode. Terminates TLS
+//! (mTLS unless explicitly allowed otherwise) in each connection's own
+//! task, accepts HTTP/2 `CONNECT` streams, checks each target against the
+//! allow list (the same matcher as forward mode), dials it through the
+//! dialer and relays bytes. A denied target gets `403` on its stream, an
+//! unreachable one `502`; the connection and its other streams carry on.
+
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::allow::{Denial, Host};
+use crate::config::{ListenerConfig, ServeConfig};
+use crate::forward::target::of_connect;
+use crate::listener::Drain;
+use crate::metrics::ServeStats;
+use crate::upstream::dialer::Dialer;
+
+/// Settings a reload swaps as one.
+struct Settings {
+    cfg: Arc<ServeConfig>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    dialer: Arc<Dialer>,
+}
+
+/// The `[serve]` listener's handler.
+pub struct ServeServer {
+    settings: RwLock<Settings>,
+    /// Where `[serve]` listens: a CONNECT to it would loop.
+    local: SocketAddr,
+    pub stats: ServeStats,
+}
+
+fn settings(cfg: &ServeConfig) -> Settings {
+    if !cfg.tls.mutual {
+        tracing::warn!("serve.allow_unauthenticated = true: tunnel clients are NOT authenticated; anyone who reaches serve.bind can open connections to every allowed target");
+    }
+    Settings {
+        acceptor: tokio_rustls::TlsAcceptor::from(cfg.tls.config.clone()),
+        dialer: Arc::new(Dialer::new(
+            &cfg.source_addresses,
+            cfg.connect_timeout,
+            cfg.failure_backoff,
+        )),
+        cfg: Arc::new(cfg.clone()),
+    }
+}
+
+fn text(status: StatusCode, kind: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!(
+        "{} {}: loopmux serve: {body}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert("x-loopmux-error", HeaderValue::from_static(kind));
+    r
+}
+
+impl ServeServer {
+    pub fn new(lc: &ListenerConfig, local: SocketAddr, stats: ServeStats) -> Arc<ServeServer> {
+        let cfg = lc
+            .serve
+            .as_deref()
+            .expect("the serve listener has its config");
+        Arc::new(ServeServer {
+            settings: RwLock::new(settings(cfg)),
+            local,
+            stats,
+        })
+    }
+
+    /// A reload: new connections and streams use the new settings; open
+    /// ones carry on.
+    pub fn reconfigure(&self, lc: &ListenerConfig) {
+        let Some(cfg) = lc.serve.as_deref() else {
+            return;
+        };
+        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        if *s.cfg != *cfg {
+            *s = settings(cfg);
+        }
+    }
+
+    fn current(&self) -> (Arc<ServeConfig>, tokio_rustls::TlsAcceptor, Arc<Dialer>) {
+        let s = self.settings.read().unwrap_or_else(|p| p.into_inner());
+        (s.cfg.clone(), s.acceptor.clone(), s.dialer.clone())
+    }
+
+    /// One tunnel client connection: TLS, then HTTP/2 until it ends or the
+    /// drain ends it; its streams' relays are tracked by the drain too.
+    pub async fn serve(self: &Arc<Self>, stream: TcpStream, drain: &Arc<Drain>) {
+        let peer = stream.peer_addr().ok();
+        let (cfg, acceptor, dialer) = self.current();
+        let tls = tokio::select! {
+            r = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(stream)) => r,
+            _ = drain.begun.cancelled() => return,
+        };
+        let tls = match tls {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.stats.handshake_failures.inc();
+                tracing::warn!(client = ?peer, error = %e, "serve: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.stats.handshake_failures.inc();
+                tracing::warn!(client = ?peer, timeout = %humantime::format_duration(cfg.handshake_timeout), "serve: TLS handshake did not finish in time");
+                return;
+            }
+        };
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.max_streams_per_connection)
+            .initial_stream_window_size(cfg.stream_window_bytes)
+            .initial_connection_window_size(cfg.connection_window_bytes)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let this = self.clone();
+        let streams_drain = drain.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let cfg = cfg.clone();
+            let dialer = dialer.clone();
+            let drain = streams_drain.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(this.stream(req, &cfg, &dialer, &drain).await)
+            }
+        });
+        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        let done =
+            crate::http::until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
+        if let Some(Err(e)) = done {
+            tracing::debug!(client = ?peer, error = %e, "serve: connection ended with an error");
+        }
+    }
+
+    /// One CONNECT stream: checked, dialed, then relayed in a task of its
+    /// own (tracked by the drain) once the `200` is on its way.
+    async fn stream(
+        &self,
+        mut req: Request<Incoming>,
+        cfg: &ServeConfig,
+        dialer: &Arc<Dialer>,
+        drain: &Arc<Drain>,
+    ) -> Response<Full<Bytes>> {
+        if req.method() != Method::CONNECT {
+            self.stats.refused("bad-request");
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                format!(
+                    "{} is not served here: only CONNECT host:port",
+                    req.method()
+                ),
+            );
+        }
+        let target = match of_connect(req.uri()) {
+            Ok(t) => t,
+            Err(e) => {
+                self.stats.refused("bad-request");
+                return text(StatusCode::BAD_REQUEST, "bad-request", e.to_string());
+            }
+        };
+        let shown = target.to_string();
+        if let Err(d) = cfg.allow.check(&target.host, target.port) {
+            self.stats.refused("denied");
+            tracing::info!(target = %shown, reason = %d, "serve: CONNECT denied");
+            return text(
+                StatusCode::FORBIDDEN,
+                "denied",
+                format!("`{shown}` is not allowed: {d}"),
+            );
+        }
+        let addrs: Vec<SocketAddr> = match &target.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+            Host::Name(n) => {
+                let lookup = tokio::net::lookup_host((n.as_str(), target.port));
+                match tokio::time::timeout(cfg.connect_timeout, lookup).await {
+                    Ok(Ok(a)) => a.collect(),
+                    Ok(Err(e)) => {
+                        self.stats.refused("unreachable");
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            "resolve",
+                            format!("cannot resolve `{n}`: {e}"),
+                        );
+                    }
+                    Err(_) => {
+                        self.stats.refused("unreachable");
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            "resolve",
+                            format!("no answer from the resolver for `{n}` within connect_timeout"),
+                        );
+                    }
+                }
+            }
+        };
+        for a in &addrs {
+            if crate::forward::is_self(*a, self.local) {
+                self.stats.refused("denied");
+                return text(
+                    StatusCode::LOOP_DETECTED,
+                    "loop",
+                    format!("`{shown}` is this serve listener ({a})"),
+                );
+            }
+            if let Err(d) = cfg.allow.check_resolved(a.ip(), a.port()) {
+                self.stats.refused("denied");
+                let why = match d {
+                    Denial::Rule { rule, .. } => {
+                        format!("resolves to {a}, denied by rule `{rule}`")
+                    }
+                    other => other.to_string(),
+                };
+                return text(StatusCode::FORBIDDEN, "denied", format!("`{shown}` {why}"));
+            }
+        }
+        let mut last = None;
+        let mut dialed = None;
+        for a in addrs.iter().take(3) {
+            match dialer.dial(*a).await {
+                Ok(d) => {
+                    dialed = Some(d);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(up) = dialed else {
+            self.stats.refused("unreachable");
+            self.stats.relays.connect_failures.inc();
+            let why = last.map_or_else(|| "resolves to no address".to_string(), |e| e.to_string());
+            tracing::info!(target = %shown, error = %why, "serve: CONNECT target unreachable");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "connect",
+                format!("`{shown}`: {why}"),
+            );
+        };
+        self.stats.relays.opened.inc();
+        self.stats.stream_to(&shown);
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let stats = self.stats.relays.clone();
+        let idle = cfg.idle_timeout;
+        let cut = drain.deadline.clone();
+        let lease = dialer.lease(up.source);
+        drain.spawn(async move {
+            let _lease = lease;
+            match on_upgrade.await {
+                Ok(u) => {
+                    let r = crate::tcp::relay::relay(TokioIo::new(u), up.stream, idle, &cut, &stats).await;
+                    tracing::debug!(target = %shown, local = %up.local, to_target = r.to_upstream, to_client = r.to_client, end = ?r.end, "serve: stream ended");
+                }
+                Err(e) => {
+                    stats.errors.inc();
+                    tracing::debug!(target = %shown, error = %e, "serve: the stream ended before it opened");
+                }
+            }
+        });
+        Response::new(Full::new(Bytes::new()))
+    }
+}
