@@ -183,6 +183,25 @@ fn exhaustion_lab() {
     // so the direct phase's TIME_WAIT does not blur the loopmux count.
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let (ready_tx, ready_rx) = mpsc::channel();
+    // The serve role (far end of the tunnel phase) in the server namespace,
+    // with mTLS from a CA made here.
+    let tunnel_pki = support::pki::Dir::new();
+    let tunnel_ca = support::pki::Ca::new("lab tunnel CA");
+    let serve_leaf = tunnel_ca.server(&["localhost"], false);
+    let tunnel_client = tunnel_ca.client("lab tunnel client");
+    let serve_toml = format!(
+        "[serve]\nbind = \"{SERVER_IP}:{SERVE_PORT}\"\nallow_remote = true\nallow = [\"127.0.0.1:{TUNNEL_ECHO_PORT}\"]\n\
+         tls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n",
+        tunnel_pki.write("serve.pem", &serve_leaf.cert_pem),
+        tunnel_pki.write("serve.key", &serve_leaf.key_pem),
+        tunnel_pki.write("ca.pem", &tunnel_ca.pem),
+    );
+    let tunnel_client_tls = format!(
+        "tls = {{ ca_file = \"{}\", server_name = \"localhost\", client_cert = \"{}\", client_key = \"{}\" }}",
+        tunnel_pki.write("ca.pem", &tunnel_ca.pem),
+        tunnel_pki.write("client.pem", &tunnel_client.cert_pem),
+        tunnel_pki.write("client.key", &tunnel_client.key_pem),
+    );
     let server = in_netns(&lab.srv, move || {
         let rt = runtime();
         rt.block_on(async move {
@@ -196,6 +215,11 @@ fn exhaustion_lab() {
             for port in [TCP_PORT_FOUR, TCP_PORT_ONE] {
                 tokio::spawn(pong_server(SocketAddr::new(ip, port)));
             }
+            tokio::spawn(pong_server(SocketAddr::new(
+                "127.0.0.1".parse().unwrap(),
+                TUNNEL_ECHO_PORT,
+            )));
+            let (serve_app, _) = support::start(&serve_toml).await;
             let forward_origin =
                 loopmux::demo::origin::Origin::start(SocketAddr::new(ip, FORWARD_PORT))
                     .await
@@ -216,6 +240,7 @@ fn exhaustion_lab() {
             let _ =
                 tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(600)))
                     .await;
+            serve_app.stop(Duration::from_secs(2)).await;
         });
     });
     let (direct_addr, behind_addr, behind_stats, forward_stats) = ready_rx
@@ -309,7 +334,11 @@ fn exhaustion_lab() {
 
             // 6. tcp mode: raw connections, the client closes first.
             let tcp = tcp_phase().await;
-            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward, tcp)
+
+            // 7. tunnel mode: the same raw connections as CONNECT streams
+            //    to the serve role in the server namespace.
+            let tunnel = tunnel_phase(&tunnel_client_tls).await;
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward, tcp, tunnel)
         })
     })
     .join();
@@ -327,6 +356,7 @@ fn exhaustion_lab() {
         h2_time_wait,
         forward,
         tcp,
+        tunnel,
     ) = result.expect("client side of the lab panicked");
     println!(
         "diagnose in the client namespace after the direct phase:\n{}",
@@ -465,6 +495,67 @@ fn exhaustion_lab() {
         tcp.one
     );
     assert!(tcp.one.ok <= 1_100, "one source: {:?}", tcp.one);
+
+    println!(
+        "tunnel mode ({TUNNEL_CONNECTIONS} raw connections as CONNECT streams, client closes first): {} ok, {} errors, {:.0} connections/s; {} TLS connections dialed across the veth (max_connections {TUNNEL_MAX_CONNECTIONS}); TIME_WAIT toward the serve role in the client ns: {}",
+        tunnel.ok, tunnel.errors, tunnel.rate, tunnel.connects, tunnel.time_wait
+    );
+    assert_eq!(
+        tunnel.ok, TUNNEL_CONNECTIONS,
+        "tunnel: {} errors",
+        tunnel.errors
+    );
+    assert_eq!(tunnel.errors, 0);
+    assert!(
+        (1..=TUNNEL_MAX_CONNECTIONS as u64).contains(&tunnel.connects),
+        "tunnel connections: {}",
+        tunnel.connects
+    );
+    assert_eq!(tunnel.time_wait, 0);
+}
+
+const SERVE_PORT: u16 = 9444;
+/// The echo behind the serve role, on the server namespace's loopback.
+const TUNNEL_ECHO_PORT: u16 = 9102;
+const TUNNEL_CONNECTIONS: usize = 20_000;
+const TUNNEL_MAX_CONNECTIONS: usize = 2;
+
+struct TunnelFigures {
+    ok: usize,
+    errors: usize,
+    rate: f64,
+    connects: u64,
+    time_wait: usize,
+}
+
+async fn tunnel_phase(client_tls: &str) -> TunnelFigures {
+    let peer: SocketAddr = format!("{SERVER_IP}:{SERVE_PORT}").parse().unwrap();
+    let toml = format!(
+        "[egress]\nsource_addresses = [\"{}\"]\n\n\
+         [[listener]]\nname = \"tunnel\"\nbind = \"127.0.0.7:0\"\nmode = \"tunnel\"\nupstream = \"far\"\ntarget = \"127.0.0.1:{TUNNEL_ECHO_PORT}\"\n\n\
+         [[upstream]]\nname = \"far\"\nendpoints = [\"{peer}\"]\nprotocol = \"http2\"\nmax_connections = {TUNNEL_MAX_CONNECTIONS}\n{client_tls}\n",
+        CLIENT_IPS[1]
+    );
+    // The serve role was listening before the server side said ready: no
+    // probe (a probe's own TIME_WAIT would blur the count).
+    let (app, listener) = support::start(&toml).await;
+    let started = std::time::Instant::now();
+    let (ok, errors) = raw_load(listener, TUNNEL_CONNECTIONS).await;
+    let rate = ok as f64 / started.elapsed().as_secs_f64();
+    let connects = app.upstreams()[0]
+        .endpoints()
+        .iter()
+        .map(|e| e.connects.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let time_wait = count_toward(&read_sockets().unwrap(), peer, TIME_WAIT);
+    app.stop(Duration::from_secs(5)).await;
+    TunnelFigures {
+        ok,
+        errors,
+        rate,
+        connects,
+        time_wait,
+    }
 }
 
 /// Client addresses only the tcp phase uses (its TIME_WAIT must not mix

@@ -105,6 +105,9 @@ impl ServeServer {
     /// drain ends it; its streams' relays are tracked by the drain too.
     pub async fn serve(self: &Arc<Self>, stream: TcpStream, drain: &Arc<Drain>) {
         let peer = stream.peer_addr().ok();
+        // Stream openings and their answers are small frames that must not
+        // wait for Nagle.
+        let _ = stream.set_nodelay(true);
         let (cfg, acceptor, dialer) = self.current();
         let tls = tokio::select! {
             r = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(stream)) => r,
