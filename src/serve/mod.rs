@@ -131,6 +131,7 @@ impl ServeServer {
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.max_streams_per_connection)
             .initial_stream_window_size(cfg.stream_window_bytes)
+            .max_frame_size(crate::upstream::connect::H2_MAX_FRAME)
             .initial_connection_window_size(cfg.connection_window_bytes)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));

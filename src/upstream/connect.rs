@@ -29,6 +29,11 @@ use crate::stall::StallIo;
 
 type Io = StallIo<Either<TcpStream, TlsWatch>>;
 
+/// The largest HTTP/2 frame loopmux accepts (SETTINGS_MAX_FRAME_SIZE). The
+/// default, 16 KiB, splits a tunnel's bulk bytes into many small frames;
+/// larger ones cost nothing for small messages.
+pub const H2_MAX_FRAME: u32 = 256 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error(transparent)]
@@ -220,6 +225,7 @@ impl Connector {
                         hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                             .timer(TokioTimer::new())
                             .initial_stream_window_size(self.stream_window)
+                            .max_frame_size(H2_MAX_FRAME)
                             .initial_connection_window_size(self.connection_window)
                             .keep_alive_interval(self.keepalive_interval)
                             .keep_alive_timeout(self.keepalive_timeout)
