@@ -69,6 +69,12 @@ enum Serving {
     Proxy(Arc<Proxy>),
     Tcp(Arc<TcpServer>),
     Serve(Arc<ServeServer>),
+    /// `intercept`: forward routing behind SO_ORIGINAL_DST.
+    Intercept {
+        proxy: Arc<Proxy>,
+        local: SocketAddr,
+        stats: crate::metrics::RawStats,
+    },
 }
 
 impl Serving {
@@ -76,13 +82,14 @@ impl Serving {
         match self {
             Serving::Proxy(p) => p.upstream(),
             Serving::Tcp(t) => Some(t.upstream()),
-            Serving::Serve(_) => None,
+            Serving::Serve(_) | Serving::Intercept { .. } => None,
         }
     }
 
     fn forward(&self) -> Option<&Arc<Forward>> {
         match self {
             Serving::Proxy(p) => p.forward_routing(),
+            Serving::Intercept { proxy, .. } => proxy.forward_routing(),
             Serving::Tcp(_) | Serving::Serve(_) => None,
         }
     }
@@ -93,6 +100,7 @@ impl Serving {
             (Serving::Tcp(t), Some(up)) => t.reconfigure(up, lc),
             (Serving::Tcp(_), None) => {}
             (Serving::Serve(s), _) => s.reconfigure(lc),
+            (Serving::Intercept { proxy, .. }, _) => proxy.reconfigure(None, lc),
         }
     }
 
@@ -102,6 +110,20 @@ impl Serving {
             Serving::Proxy(p) => Handler::Http(Arc::new(HttpServer::new(lc, p.clone()))),
             Serving::Tcp(t) => Handler::Tcp(t.clone()),
             Serving::Serve(s) => Handler::Serve(s.clone()),
+            Serving::Intercept {
+                proxy,
+                local,
+                stats,
+            } => match &lc.intercept {
+                Some(ic) => Handler::Intercept(Arc::new(crate::intercept::InterceptServer::new(
+                    Arc::new(HttpServer::new(lc, proxy.clone())),
+                    ic,
+                    *local,
+                    stats.clone(),
+                ))),
+                // Validation gives every intercept listener its config.
+                None => Handler::Http(Arc::new(HttpServer::new(lc, proxy.clone()))),
+            },
         }
     }
 }
@@ -249,6 +271,16 @@ impl App {
     ) -> Running {
         let serving = match (lc.mode, up) {
             (Mode::Serve, _) => Serving::Serve(ServeServer::new(lc, addr, self.metrics.serve())),
+            (Mode::Intercept, _) => Serving::Intercept {
+                proxy: Arc::new(Proxy::new(
+                    lc,
+                    None,
+                    Some(Forward::new(lc, addr, self.metrics.forward(&lc.name))),
+                    self.metrics.listener(&lc.name),
+                )),
+                local: addr,
+                stats: self.metrics.tcp(&lc.name),
+            },
             (Mode::Tcp | Mode::Tunnel, Some(up)) => {
                 Serving::Tcp(Arc::new(TcpServer::new(lc, up, self.metrics.tcp(&lc.name))))
             }
@@ -301,7 +333,7 @@ impl App {
             }
             (None, Some(f)) => {
                 let c = f.config();
-                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "forward", allow_rules = c.allow.len(), max_origins = c.max_origins, max_connections_per_origin = c.origin.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
+                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = r.cfg.mode.as_str(), allow_rules = c.allow.len(), max_origins = c.max_origins, max_connections_per_origin = c.origin.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
             }
             (None, None) => {}
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod diagnose;
 pub mod forward;
 pub mod http;
+pub mod intercept;
 pub mod listener;
 pub mod metrics;
 pub mod serve;

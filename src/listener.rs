@@ -164,6 +164,8 @@ pub enum Handler {
     Tcp(Arc<crate::tcp::TcpServer>),
     /// `[serve]`: TLS, then HTTP/2 CONNECT streams.
     Serve(Arc<crate::serve::ServeServer>),
+    /// `intercept`: redirected connections, to where they were going.
+    Intercept(Arc<crate::intercept::InterceptServer>),
 }
 
 impl Handler {
@@ -172,6 +174,7 @@ impl Handler {
             Handler::Http(h) => h.serve(stream, drain).await,
             Handler::Tcp(t) => t.serve(stream, drain).await,
             Handler::Serve(s) => s.serve(stream, drain).await,
+            Handler::Intercept(i) => i.serve(stream, drain).await,
         }
     }
 }

@@ -51,6 +51,8 @@ impl Any {
 /// no "8" → 8).
 pub trait FieldType: Sized {
     const EXPECTED: &'static str;
+    /// What a list of these is called in an error.
+    const LIST: &'static str = "a list";
     fn from_any(v: Any) -> Result<Self, Any>;
 }
 
@@ -66,6 +68,7 @@ impl FieldType for bool {
 
 impl FieldType for usize {
     const EXPECTED: &'static str = "a whole number";
+    const LIST: &'static str = "a list of whole numbers";
     fn from_any(v: Any) -> Result<Self, Any> {
         match v {
             Any::Int(i) => usize::try_from(i).map_err(|_| Any::Int(i)),
@@ -76,6 +79,7 @@ impl FieldType for usize {
 
 impl FieldType for String {
     const EXPECTED: &'static str = "a string";
+    const LIST: &'static str = "a list of strings";
     fn from_any(v: Any) -> Result<Self, Any> {
         match v {
             Any::Str(s) => Ok(s),
@@ -84,17 +88,14 @@ impl FieldType for String {
     }
 }
 
-impl FieldType for Vec<String> {
-    const EXPECTED: &'static str = "a list of strings";
+impl<T: FieldType> FieldType for Vec<T> {
+    const EXPECTED: &'static str = T::LIST;
     fn from_any(v: Any) -> Result<Self, Any> {
         match v {
             Any::List(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
-                    match item {
-                        Any::Str(s) => out.push(s),
-                        other => return Err(Any::List(vec![other])),
-                    }
+                    out.push(T::from_any(item).map_err(|other| Any::List(vec![other]))?);
                 }
                 Ok(out)
             }
@@ -239,6 +240,17 @@ pub struct RawListener {
     pub via: Field<bool>,
     pub idle_timeout: Field<String>,
     pub on_connect_error: Field<String>,
+    pub intercept: Option<RawIntercept>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct RawIntercept {
+    pub uids: Field<Vec<usize>>,
+    pub cgroups: Field<Vec<String>>,
+    pub destinations: Field<Vec<String>>,
+    pub opaque_ports: Field<Vec<usize>>,
+    pub detect_timeout: Field<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

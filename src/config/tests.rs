@@ -396,3 +396,59 @@ fn forward_mistakes_are_named() {
     ));
     assert!(e.contains("listener[0].allow: only applies"), "{e}");
 }
+
+#[test]
+fn intercept_mistakes_are_named() {
+    let base = |icpt: &str, extra: &str| {
+        format!("[[listener]]\nname = \"i\"\nbind = \"127.0.0.1:15001\"\nmode = \"intercept\"\n{extra}\nintercept = {{ {icpt} }}\n")
+    };
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    let ok = load(&base(
+        "uids = [65534], destinations = [\"198.18.0.0/15:9000\"]",
+        "",
+    ))
+    .unwrap();
+    let l = &ok.listeners[0];
+    assert_eq!(l.mode, Mode::Intercept);
+    assert!(!l.client_keepalive, "loopmux closes first by default");
+    let cases = [
+        (
+            base("destinations = [\"198.18.0.2:9000\"]", ""),
+            "intercept.uids: uids or cgroups",
+        ),
+        (
+            base("uids = [65534]", ""),
+            "intercept.destinations: is required",
+        ),
+        (
+            base(
+                &format!("uids = [{own}], destinations = [\"198.18.0.2:80\"]"),
+                "",
+            ),
+            "loopmux's own uid",
+        ),
+        (
+            base(
+                "uids = [65534], destinations = [\"198.18.0.2:80\"]",
+                "client_keepalive = true",
+            ),
+            "client_keepalive: must be false",
+        ),
+        (
+            base(
+                "uids = [65534], destinations = [\"198.18.0.2:80\"], opaque_ports = [0]",
+                "",
+            ),
+            "opaque_ports[0]",
+        ),
+        (
+            base("uids = [\"root\"], destinations = [\"198.18.0.2:80\"]", ""),
+            "intercept.uids: expected a list of whole numbers",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = problems(&text);
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}

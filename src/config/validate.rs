@@ -54,6 +54,26 @@ pub enum Mode {
     Tunnel,
     /// `[serve]`: the far end of `tunnel`.
     Serve,
+    /// Connections the kernel redirected here (nftables `redirect`): each
+    /// goes where it was going (`SO_ORIGINAL_DST`), HTTP/1 over pools.
+    Intercept,
+}
+
+/// `intercept = { … }` on a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptConfig {
+    /// Whose connections: these uids …
+    pub uids: Vec<u32>,
+    /// … and these cgroup v2 paths.
+    pub cgroups: Vec<String>,
+    /// Which destinations; anything else that reaches the listener is
+    /// refused (a stale rule), never dialed.
+    pub destinations: AllowList,
+    /// Ports where the server speaks first: no HTTP detection.
+    pub opaque_ports: Vec<u16>,
+    /// How long the first bytes may take before a connection is taken as
+    /// opaque.
+    pub detect_timeout: Duration,
 }
 
 /// `[serve]`: TLS, HTTP/2 CONNECT streams in, allowed targets dialed.
@@ -91,6 +111,7 @@ impl Mode {
             Mode::Tcp => "tcp",
             Mode::Tunnel => "tunnel",
             Mode::Serve => "serve",
+            Mode::Intercept => "intercept",
         }
     }
 }
@@ -140,6 +161,8 @@ pub struct ListenerConfig {
     pub target: Option<http::uri::Authority>,
     /// The `[serve]` section's listener.
     pub serve: Option<Box<ServeConfig>>,
+    /// Mode `intercept`.
+    pub intercept: Option<Box<InterceptConfig>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -820,6 +843,7 @@ fn listener(
         Some("forward") => Some(Mode::Forward),
         Some("tcp") => Some(Mode::Tcp),
         Some("tunnel") => Some(Mode::Tunnel),
+        Some("intercept") => Some(Mode::Intercept),
         Some(m) => {
             c.fail(
                 k("mode"),
@@ -851,8 +875,28 @@ fn listener(
         }
         None
     };
+    let intercept = match mode {
+        Some(Mode::Intercept) => intercept(c, i, l.intercept.as_ref()).map(Box::new),
+        _ => {
+            if l.intercept.is_some() {
+                c.fail(k("intercept"), "only applies to mode = \"intercept\"");
+            }
+            None
+        }
+    };
     let forward = match mode {
         Some(Mode::Forward) => forward(c, i, l, forward_template).map(Box::new),
+        // Interception carries HTTP/1 over per-destination pools as forward
+        // mode does: the same routing, with the destinations as allow list.
+        Some(Mode::Intercept) => intercept.as_ref().and_then(|ic| {
+            Some(Box::new(ForwardConfig {
+                allow: ic.destinations.clone(),
+                originate_tls: AllowList::default(),
+                max_origins: defaults::MAX_ORIGINS,
+                via: false,
+                origin: forward_template?.clone(),
+            }))
+        }),
         _ => {
             for (field, given) in [
                 ("allow", l.allow != Field::Missing),
@@ -898,7 +942,14 @@ fn listener(
         }
     }
     let upstream = match (mode, c.get(k("upstream"), &l.upstream).map(|u| u.trim())) {
-        (Some(Mode::Forward), None) => None,
+        (Some(Mode::Forward | Mode::Intercept), None) => None,
+        (Some(Mode::Intercept), Some(_)) => {
+            c.fail(
+                k("upstream"),
+                "does not apply to mode = \"intercept\": each connection goes where it was going",
+            );
+            None
+        }
         (Some(Mode::Forward), Some(_)) => {
             c.fail(
                 k("upstream"),
@@ -967,7 +1018,10 @@ fn listener(
             OnConnectError::Close
         }
     };
-    if mode == Mode::Forward && forward.is_none() {
+    if matches!(mode, Mode::Forward | Mode::Intercept) && forward.is_none() {
+        return None;
+    }
+    if mode == Mode::Intercept && intercept.is_none() {
         return None;
     }
     let header_timeout = c.duration(
@@ -994,7 +1048,19 @@ fn listener(
         0..=limits::REQUEST_BUFFER_BYTES,
     );
     let body_timeout = c.duration(k("body_timeout"), &l.body_timeout, defaults::BODY_TIMEOUT);
-    let client_keepalive = c.flag(k("client_keepalive"), &l.client_keepalive, true);
+    // Interception frees the app's ports only when loopmux closes first
+    // (the app's TIME_WAIT keeps the original 4-tuple otherwise).
+    let client_keepalive = c.flag(
+        k("client_keepalive"),
+        &l.client_keepalive,
+        mode != Mode::Intercept,
+    );
+    if mode == Mode::Intercept && client_keepalive {
+        c.fail(
+            k("client_keepalive"),
+            "must be false for mode = \"intercept\": loopmux closes first, so the app's port is free at once",
+        );
+    }
     let access_log = c.flag(k("access_log"), &l.access_log, false);
     Some(ListenerConfig {
         name,
@@ -1013,6 +1079,119 @@ fn listener(
         on_connect_error,
         target,
         serve: None,
+        intercept,
+    })
+}
+
+/// `listener[i].intercept`.
+fn intercept(
+    c: &mut Checker,
+    i: usize,
+    t: Option<&super::raw::RawIntercept>,
+) -> Option<InterceptConfig> {
+    let k = |field: &str| format!("listener[{i}].intercept.{field}");
+    let Some(t) = t else {
+        c.fail(
+            format!("listener[{i}].intercept"),
+            "is required for mode = \"intercept\": intercept = { uids = [...], destinations = [...] }",
+        );
+        return None;
+    };
+    let empty_n = Vec::new();
+    let empty_s = Vec::new();
+    let mut uids = Vec::new();
+    for (j, u) in c
+        .get(k("uids"), &t.uids)
+        .unwrap_or(&empty_n)
+        .iter()
+        .enumerate()
+    {
+        match u32::try_from(*u) {
+            Ok(u) => uids.push(u),
+            Err(_) => c.fail(format!("{}[{j}]", k("uids")), format!("{u} is not a uid")),
+        }
+    }
+    let cgroups: Vec<String> = c
+        .get(k("cgroups"), &t.cgroups)
+        .unwrap_or(&empty_s)
+        .iter()
+        .map(|g| g.trim().trim_matches('/').to_string())
+        .collect();
+    if uids.is_empty() && cgroups.is_empty() {
+        c.fail(
+            k("uids"),
+            "uids or cgroups must name whose connections are intercepted",
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if uids.contains(&own) {
+        c.fail(
+            k("uids"),
+            format!("includes {own}, loopmux's own uid: its upstream connections would be intercepted too (a loop)"),
+        );
+    }
+    if let Ok(mine) = std::fs::read_to_string("/proc/self/cgroup") {
+        let mine = mine
+            .trim()
+            .rsplit("::")
+            .next()
+            .unwrap_or("")
+            .trim_matches('/')
+            .to_string();
+        if !mine.is_empty()
+            && cgroups
+                .iter()
+                .any(|g| mine == *g || mine.starts_with(&format!("{g}/")))
+        {
+            c.fail(
+                k("cgroups"),
+                format!("includes loopmux's own cgroup ({mine}): its upstream connections would be intercepted too (a loop)"),
+            );
+        }
+    }
+    let raw_dest = c
+        .get(k("destinations"), &t.destinations)
+        .unwrap_or(&empty_s);
+    let destinations = match AllowList::parse(raw_dest) {
+        Ok(l) if l.is_empty() => {
+            c.fail(k("destinations"), "is required: the destinations (IP, CIDR or name, with :port or :*) whose connections are intercepted");
+            None
+        }
+        Ok(l) => Some(l),
+        Err(errors) => {
+            for (j, reason) in errors {
+                c.fail(format!("{}[{j}]", k("destinations")), reason);
+            }
+            None
+        }
+    };
+    let mut opaque_ports = Vec::new();
+    for (j, p) in c
+        .get(k("opaque_ports"), &t.opaque_ports)
+        .unwrap_or(&empty_n)
+        .iter()
+        .enumerate()
+    {
+        match u16::try_from(*p) {
+            Ok(p) if p != 0 => opaque_ports.push(p),
+            _ => c.fail(
+                format!("{}[{j}]", k("opaque_ports")),
+                format!("{p} is not a port"),
+            ),
+        }
+    }
+    let detect_timeout = c.duration(
+        k("detect_timeout"),
+        &t.detect_timeout,
+        Duration::from_millis(300),
+    );
+    Some(InterceptConfig {
+        uids,
+        cgroups,
+        destinations: destinations?,
+        opaque_ports,
+        detect_timeout,
     })
 }
 
@@ -1250,5 +1429,6 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
         on_connect_error: OnConnectError::Close,
         target: None,
         serve: Some(Box::new(cfg)),
+        intercept: None,
     })
 }

@@ -352,6 +352,17 @@ impl Forward {
         Ok(route)
     }
 
+    /// Routes a request whose destination is known already (intercepted:
+    /// `SO_ORIGINAL_DST`), in origin-form.
+    ///
+    /// # Errors
+    /// [`ForwardError`] with the status the client gets.
+    pub async fn route_to(&self, target: Target) -> Result<Route, ForwardError> {
+        let cfg = self.config();
+        let target = self.admit(&cfg, target)?;
+        self.origin(&cfg, &target).await
+    }
+
     /// `CONNECT`: checks the target, dials it (another address of the
     /// origin after a failure, as for requests), and returns the tunnel to
     /// start once the client has its `200`.

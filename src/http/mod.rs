@@ -71,6 +71,10 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
     pub fn new(cfg: &ListenerConfig, proxy: Arc<Proxy>) -> Self {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -96,7 +100,7 @@ impl HttpServer {
             let stats = f.stats.tunnels.clone();
             // Boxed: its state (a connection with upgrades, a tunnel) would
             // otherwise grow every http-mode connection's task too.
-            Box::pin(self.serve_forward(stream, &stats, drain)).await;
+            Box::pin(self.serve_forward(stream, &stats, drain, None)).await;
             return;
         }
         let proxy = self.proxy.clone();
@@ -122,30 +126,38 @@ impl HttpServer {
 impl HttpServer {
     /// A forward connection: requests as in `serve`, and `CONNECT`, whose
     /// tunnel runs here once hyper hands the connection over.
-    async fn serve_forward(
+    /// `original`: an intercepted connection's destination, given to each
+    /// of its requests.
+    pub(crate) async fn serve_forward(
         &self,
         stream: TcpStream,
         stats: &crate::metrics::RawStats,
         drain: &Drain,
+        original: Option<std::net::SocketAddr>,
     ) {
         let proxy = self.proxy.clone();
         let tunnel: Arc<std::sync::Mutex<Option<crate::forward::tunnel::PendingTunnel>>> =
             Arc::default();
         let slot = tunnel.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let proxy = proxy.clone();
-            let slot = slot.clone();
-            async move {
-                let mut resp = proxy.handle(req).await;
-                if let Some(h) = resp
-                    .extensions_mut()
-                    .remove::<crate::forward::tunnel::Handoff>()
-                {
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = h.take();
+        let svc =
+            hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                let proxy = proxy.clone();
+                let slot = slot.clone();
+                if let Some(dst) = original {
+                    req.extensions_mut()
+                        .insert(crate::intercept::OriginalDst(dst));
                 }
-                Ok::<_, std::convert::Infallible>(resp)
-            }
-        });
+                async move {
+                    let mut resp = proxy.handle(req).await;
+                    if let Some(h) = resp
+                        .extensions_mut()
+                        .remove::<crate::forward::tunnel::Handoff>()
+                    {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = h.take();
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
         let conn = self.builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);

@@ -287,6 +287,17 @@ impl Proxy {
                 Err(e) => Err(refused(e)),
             };
         }
+        if let Some(&crate::intercept::OriginalDst(dst)) = req.extensions().get() {
+            let target = crate::forward::target::Target {
+                host: crate::allow::Host::Ip(dst.ip()),
+                port: dst.port(),
+                tls: false,
+            };
+            return match f.route_to(target).await {
+                Ok(route) => Ok((route, req)),
+                Err(e) => Err(refused(e)),
+            };
+        }
         let (mut parts, body) = req.into_parts();
         match f.route(&mut parts).await {
             Ok(route) => Ok((route, Request::from_parts(parts, body))),
