@@ -266,6 +266,49 @@ impl AllowList {
     }
 }
 
+/// An allow rule as the kernel can match it (interception): an address
+/// range or a name to resolve, and a port range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelMatch {
+    Net {
+        base: IpAddr,
+        prefix: u8,
+        ports: (u16, u16),
+    },
+    Name {
+        name: String,
+        ports: (u16, u16),
+    },
+}
+
+impl AllowList {
+    /// Every rule as the kernel can match it, or the first that it cannot
+    /// (deny rules, wildcards, `*`), as written.
+    ///
+    /// # Errors
+    /// The rule's text.
+    pub fn kernel_matches(&self) -> Result<Vec<KernelMatch>, String> {
+        self.rules
+            .iter()
+            .map(|r| {
+                let ports = (r.ports.lo, r.ports.hi);
+                match (&r.host, r.deny) {
+                    (HostPattern::Net { base, prefix }, false) => Ok(KernelMatch::Net {
+                        base: *base,
+                        prefix: *prefix,
+                        ports,
+                    }),
+                    (HostPattern::Name(n), false) => Ok(KernelMatch::Name {
+                        name: n.clone(),
+                        ports,
+                    }),
+                    _ => Err(r.text.clone()),
+                }
+            })
+            .collect()
+    }
+}
+
 /// Parses a host as a client names it in a request target or `CONNECT`:
 /// an IP literal (IPv6 in brackets) or a DNS name.
 ///

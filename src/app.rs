@@ -29,6 +29,8 @@ pub enum StartError {
     Bind(#[from] listener::BindError),
     #[error("{key}: {source}")]
     Register { key: String, source: std::io::Error },
+    #[error("interception: {0}")]
+    Intercept(String),
 }
 
 /// Sockets bound before anything runs: one per listener, plus the admin
@@ -191,6 +193,8 @@ pub struct App {
     admin_stop: CancellationToken,
     /// Drains of listeners removed by a reload.
     retired: TaskTracker,
+    /// The kernel rules of the intercept listeners, while any exist.
+    rules: Option<crate::intercept::rules::Keeper>,
 }
 
 /// A reload fails the same ways a start does (binding, registering).
@@ -248,6 +252,7 @@ impl App {
             listeners: Vec::with_capacity(cfg.listeners.len()),
             admin_stop,
             retired: TaskTracker::new(),
+            rules: None,
             cfg: cfg.clone(),
         };
         for (index, (lc, std_l)) in cfg.listeners.iter().zip(bound.listeners).enumerate() {
@@ -258,6 +263,7 @@ impl App {
             app.listeners.push(r);
         }
         app.publish(upstreams);
+        app.rules = app.intercept_rules(None).await?;
         app.shared.set_ready(true);
         Ok(app)
     }
@@ -371,6 +377,43 @@ impl App {
             .filter_map(|r| r.serving.forward().cloned())
             .collect();
         self.shared.publish(upstreams, infos, forwards);
+    }
+
+    /// The kernel rules for the intercept listeners now running: installed
+    /// (replacing `previous`'s table in one transaction), or removed when
+    /// none is left.
+    async fn intercept_rules(
+        &self,
+        previous: Option<crate::intercept::rules::Keeper>,
+    ) -> Result<Option<crate::intercept::rules::Keeper>, StartError> {
+        use crate::intercept::rules::{Intercepted, Keeper};
+        let mut wanted = Vec::new();
+        let mut dns_refresh = crate::config::defaults::DNS_REFRESH;
+        for r in &self.listeners {
+            if let Some(ic) = &r.cfg.intercept {
+                wanted.push(
+                    Intercepted::new(&r.cfg.name, r.addr, ic).map_err(StartError::Intercept)?,
+                );
+                if let Some(f) = r.cfg.forward.as_ref() {
+                    dns_refresh = f.origin.dns_refresh;
+                }
+            }
+        }
+        if let Some(p) = previous {
+            if wanted.is_empty() {
+                p.remove().await;
+                return Ok(None);
+            }
+            p.stop_renewing().await;
+        }
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let keeper = Keeper::start(wanted, dns_refresh)
+            .await
+            .map_err(|e| StartError::Intercept(e.to_string()))?;
+        self.shared.set_intercept_current(keeper.current.clone());
+        Ok(Some(keeper))
     }
 
     /// Where each listener is bound, in config order (port 0 resolved).
@@ -494,6 +537,8 @@ impl App {
         }
         self.cfg = cfg;
         self.publish(upstreams);
+        let previous = self.rules.take();
+        self.rules = self.intercept_rules(previous).await?;
         tracing::info!(generation = self.shared.generation(), "config reloaded");
         Ok(())
     }
@@ -517,6 +562,9 @@ impl App {
         // Idle upstream connections close now; nothing will use them.
         for up in self.shared.upstreams().iter() {
             retire(up);
+        }
+        if let Some(k) = self.rules {
+            k.remove().await;
         }
         self.admin_stop.cancel();
         clean

@@ -57,6 +57,12 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Interception's kernel rules: `--remove` deletes loopmux's nftables
+    /// table (leftovers after a crash; the systemd drop-in runs it after stop).
+    Intercept {
+        #[arg(long)]
+        remove: bool,
+    },
     /// Report ephemeral-port exhaustion risk on this host, per destination.
     Diagnose {
         /// Machine-readable output.
@@ -115,6 +121,26 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run { config } => run(&config),
+        Cmd::Intercept { remove } => {
+            if !remove {
+                eprintln!("nothing to do: loopmux intercept --remove deletes the `inet loopmux` nftables table");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(loopmux::intercept::rules::remove()) {
+                Ok(()) => {
+                    println!("nftables table inet loopmux removed (or there was none)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Cmd::Demo {
             requests,
             concurrency,

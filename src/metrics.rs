@@ -585,6 +585,18 @@ impl prometheus_client::collector::Collector for UpstreamCollector {
             true,
             &src_eaddrnotavail,
         )?;
+        if let Some(current) = self.shared.intercept_current() {
+            emit(
+                &mut encoder,
+                "intercept_rules_current",
+                "1 while the interception rules' last renewal went through (0: they are expiring, and the apps go direct)",
+                false,
+                &[Sample {
+                    labels: Vec::new(),
+                    value: u64::from(current),
+                }],
+            )?;
+        }
         Ok(())
     }
 }

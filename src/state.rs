@@ -27,6 +27,8 @@ pub struct Shared {
     listeners: RwLock<Arc<Vec<ListenerInfo>>>,
     forwards: RwLock<Arc<Vec<Arc<crate::forward::Forward>>>>,
     ready: AtomicBool,
+    /// Whether the interception rules' last renewal went through.
+    intercept_current: RwLock<Option<Arc<AtomicBool>>>,
     generation: AtomicU64,
 }
 
@@ -82,6 +84,22 @@ impl Shared {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn set_intercept_current(&self, flag: Arc<AtomicBool>) {
+        *self
+            .intercept_current
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(flag);
+    }
+
+    /// `None` without intercept listeners.
+    pub fn intercept_current(&self) -> Option<bool> {
+        self.intercept_current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|f| f.load(Ordering::Relaxed))
     }
 
     pub fn is_ready(&self) -> bool {
@@ -160,6 +178,7 @@ impl Shared {
             "generation": self.generation(),
             "ready": self.is_ready(),
             "listeners": *self.listeners(),
+            "intercept_rules_current": self.intercept_current(),
             "upstreams": upstreams,
         })
     }

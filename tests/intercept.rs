@@ -82,19 +82,21 @@ fn intercepted_connections_go_where_they_were_going() {
     exec(&["ip", "link", "set", "lo", "up"]).unwrap();
     exec(&["ip", "addr", "add", &format!("{NS_IP}/32"), "dev", "lo"]).unwrap();
     // The uid's connections to NS_IP:9000-9002 go to the listener.
-    exec(&["nft", "add", "table", "ip", "loopmux_test"]).unwrap();
+    // loopmux installs its own table (`inet loopmux`) for 9000 and 9001;
+    // this one plays a stale rule: 9002 is redirected but not listed.
+    exec(&["nft", "add", "table", "ip", "stale"]).unwrap();
     exec(&[
         "nft",
         "add",
         "chain",
         "ip",
-        "loopmux_test",
+        "stale",
         "out",
-        "{ type nat hook output priority -100; }",
+        "{ type nat hook output priority -90; }",
     ])
     .unwrap();
     let rule = format!(
-        "add rule ip loopmux_test out meta skuid {UID} ip daddr {NS_IP} tcp dport {HTTP_PORT}-{OUTSIDE_PORT} redirect to :{LISTENER_PORT}"
+        "add rule ip stale out meta skuid {UID} ip daddr {NS_IP} tcp dport {OUTSIDE_PORT} redirect to :{LISTENER_PORT}"
     );
     exec(&["nft", &rule]).unwrap();
 
@@ -186,5 +188,193 @@ async fn scenario() {
     );
     let reached = tokio::time::timeout(Duration::from_millis(300), outside.accept()).await;
     assert!(reached.is_err(), "the outside destination was dialed");
+    assert!(
+        nft_tables().contains("inet loopmux"),
+        "loopmux's table while it runs"
+    );
     app.stop(Duration::from_secs(2)).await;
+    assert!(
+        !nft_tables().contains("inet loopmux"),
+        "a clean stop leaves no loopmux table"
+    );
+}
+
+/// `nft list tables` in the current namespace.
+fn nft_tables() -> String {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// loopmux run as its own process in a namespace; killed by its pid.
+struct Loopmux(std::process::Child);
+
+impl Drop for Loopmux {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fail open: after SIGKILL the kernel's set elements expire and the app
+/// reaches its destination directly again; `loopmux intercept --remove`
+/// clears the leftover table; a clean stop (SIGTERM) leaves none.
+#[test]
+fn after_sigkill_the_app_goes_direct_again() {
+    if let Some(why) = why_not() {
+        if std::env::var("LOOPMUX_LAB_REQUIRED").as_deref() == Ok("1") {
+            panic!("LOOPMUX_LAB_REQUIRED=1 but the interception test cannot run: {why}");
+        }
+        eprintln!("SKIPPED after_sigkill_the_app_goes_direct_again: {why}. Run as root (CI does).");
+        return;
+    }
+    let ns = Ns(format!("lmx-icpk-{}", std::process::id()));
+    run(&["ip", "netns", "add", &ns.0]).unwrap();
+    for args in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "addr", "add", "198.18.5.2/32", "dev", "lo"],
+    ] {
+        let mut all = vec!["ip", "netns", "exec", ns.0.as_str()];
+        all.extend(args);
+        run(&all).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("loopmux-icpk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("intercept.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"legacy\"\nbind = \"127.0.0.1:{LISTENER_PORT}\"\nmode = \"intercept\"\n\
+             intercept = {{ uids = [{UID}], destinations = [\"{NS_IP}:{HTTP_PORT}\"] }}\n\n\
+             [forward_defaults]\nmax_connections = 2\n"
+        ),
+    )
+    .unwrap();
+    let path = format!("/run/netns/{}", ns.0);
+    let ns_name = ns.0.clone();
+    let result = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(fail_open(ns_name, config))
+    })
+    .join();
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+    let fail_open = result.expect("the fail-open scenario panicked");
+    println!("interception fail-open after SIGKILL: the app reached its destination directly after {fail_open:?}");
+}
+
+fn spawn_loopmux(ns: &str, config: &std::path::Path) -> Loopmux {
+    Loopmux(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_loopmux"),
+                "run",
+                "--config",
+            ])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn curl_as_uid(url: &str, max_time: &str) -> bool {
+    as_uid(
+        "curl",
+        &["--silent", "--max-time", max_time, "-o", "/dev/null", url],
+    )
+    .await
+    .status
+    .success()
+}
+
+async fn fail_open(ns: String, config: std::path::PathBuf) -> Duration {
+    let ip: std::net::IpAddr = NS_IP.parse().unwrap();
+    let origin = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, HTTP_PORT))
+        .await
+        .unwrap();
+    let url = format!("http://{NS_IP}:{HTTP_PORT}/bytes/4");
+    let mut lm = spawn_loopmux(&ns, &config);
+    // Wait for its table (installed before it serves).
+    for _ in 0..200 {
+        if nft_tables().contains("inet loopmux") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        nft_tables().contains("inet loopmux"),
+        "loopmux installed no table"
+    );
+    for i in 0..10 {
+        assert!(curl_as_uid(&url, "5").await, "curl {i} through loopmux");
+    }
+    let through = origin.stats.accepted.load(Ordering::Relaxed);
+    assert!(
+        (1..=2).contains(&through),
+        "intercepted: origin accepted {through}"
+    );
+
+    // SIGKILL: nothing of loopmux runs any more; the rule stays, its set
+    // elements expire.
+    let killed = std::time::Instant::now();
+    let _ = lm.0.kill();
+    let _ = lm.0.wait();
+    let mut direct_after = None;
+    while killed.elapsed() < Duration::from_secs(20) {
+        if curl_as_uid(&url, "1").await {
+            direct_after = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = direct_after.expect("the app never reached its destination after loopmux died");
+    assert!(after <= Duration::from_secs(10), "fail-open took {after:?}");
+    assert!(
+        origin.stats.accepted.load(Ordering::Relaxed) > through,
+        "the request after the kill went directly to the origin"
+    );
+    // The leftover table: removed by `loopmux intercept --remove`.
+    assert!(nft_tables().contains("inet loopmux"));
+    let out = Command::new(env!("CARGO_BIN_EXE_loopmux"))
+        .args(["intercept", "--remove"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !nft_tables().contains("inet loopmux"),
+        "--remove left the table"
+    );
+
+    // A clean stop removes it by itself.
+    let lm = spawn_loopmux(&ns, &config);
+    for _ in 0..200 {
+        if nft_tables().contains("inet loopmux") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // SAFETY: a pid of our own child.
+    unsafe { libc::kill(lm.0.id() as i32, libc::SIGTERM) };
+    let mut lm = lm;
+    let _ = lm.0.wait();
+    assert!(
+        !nft_tables().contains("inet loopmux"),
+        "a clean stop left the table"
+    );
+    after
 }

@@ -7,6 +7,8 @@
 //! A destination outside `destinations` (a stale rule) is refused, never
 //! dialed.
 
+pub mod rules;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,337 @@
+//! The kernel rules interception needs, owned by loopmux: one nftables
+//! table (`inet loopmux`) installed at start, replaced on reload, removed
+//! on a clean stop (`loopmux intercept --remove` after a crash). Uses
+//! Debian's `nft` program: one transaction per change, the same syntax an
+//! operator reads and types, no netlink code of our own.
+//!
+//! Failing open: the rules match only destinations held in sets whose
+//! elements expire after [`ELEMENT_TTL`]; loopmux puts them back every
+//! [`HEARTBEAT`]. If loopmux dies (SIGKILL, OOM), the elements expire and
+//! the apps' connections go directly to their destinations again.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::allow::KernelMatch;
+use crate::config::InterceptConfig;
+
+/// The table's name, for operators: `nft list table inet loopmux`.
+pub const TABLE: &str = "loopmux";
+/// How long a destination stays in the kernel's set without loopmux.
+pub const ELEMENT_TTL: Duration = Duration::from_secs(6);
+/// How often loopmux renews the sets.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// One intercept listener's part of the table.
+#[derive(Debug, Clone)]
+pub struct Intercepted {
+    pub listener: String,
+    /// Where the redirected connections go (the listener's port).
+    pub port: u16,
+    pub uids: Vec<u32>,
+    pub cgroups: Vec<String>,
+    pub matches: Vec<KernelMatch>,
+}
+
+impl Intercepted {
+    pub fn new(listener: &str, bind: SocketAddr, cfg: &InterceptConfig) -> Result<Self, String> {
+        Ok(Intercepted {
+            listener: listener.to_string(),
+            port: bind.port(),
+            uids: cfg.uids.clone(),
+            cgroups: cfg.cgroups.clone(),
+            matches: cfg.destinations.kernel_matches().map_err(|r| {
+                format!("destination rule `{r}` cannot be matched by the kernel (no deny rules, wildcards or `*` for interception)")
+            })?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot run `nft` (Debian's nftables package): {0}")]
+    Spawn(std::io::Error),
+    #[error("nft refused the rules: {0}")]
+    Nft(String),
+}
+
+/// Runs `nft -f -` with `script` as one transaction.
+async fn nft(script: &str) -> Result<(), RulesError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(RulesError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(RulesError::Spawn)?;
+    }
+    let out = child.wait_with_output().await.map_err(RulesError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RulesError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+fn set_name(i: usize) -> String {
+    format!("dst{i}")
+}
+
+/// The table with its chain and empty sets (replacing any earlier one).
+pub fn table_script(listeners: &[Intercepted]) -> String {
+    let mut s =
+        format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    for i in 0..listeners.len() {
+        let _ = writeln!(
+            s,
+            "  set {} {{ type ipv4_addr . inet_service; flags interval, timeout; }}",
+            set_name(i)
+        );
+    }
+    s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n");
+    for (i, l) in listeners.iter().enumerate() {
+        let set = set_name(i);
+        if !l.uids.is_empty() {
+            let uids: Vec<String> = l.uids.iter().map(u32::to_string).collect();
+            let _ = writeln!(
+                s,
+                "    meta skuid {{ {} }} ip daddr . tcp dport @{set} redirect to :{} comment \"{}\"",
+                uids.join(", "),
+                l.port,
+                l.listener
+            );
+        }
+        for g in &l.cgroups {
+            let level = g.split('/').filter(|p| !p.is_empty()).count();
+            let _ = writeln!(
+                s,
+                "    socket cgroupv2 level {level} \"{g}\" ip daddr . tcp dport @{set} redirect to :{} comment \"{}\"",
+                l.port, l.listener
+            );
+        }
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+/// Renews every set: its elements, each expiring after [`ELEMENT_TTL`].
+/// `resolved` holds the current addresses of each name.
+fn heartbeat_script(listeners: &[Intercepted], resolved: &[(String, Vec<IpAddr>)]) -> String {
+    let ttl = ELEMENT_TTL.as_secs();
+    let mut s = String::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let set = set_name(i);
+        let _ = writeln!(s, "flush set inet {TABLE} {set}");
+        let mut elements = Vec::new();
+        let mut add = |net: String, (lo, hi): (u16, u16)| {
+            let ports = if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            };
+            elements.push(format!("{net} . {ports} timeout {ttl}s"));
+        };
+        for m in &l.matches {
+            match m {
+                KernelMatch::Net {
+                    base: IpAddr::V4(b),
+                    prefix,
+                    ports,
+                } => add(format!("{b}/{prefix}"), *ports),
+                KernelMatch::Net { .. } => {}
+                KernelMatch::Name { name, ports } => {
+                    for (_, addrs) in resolved.iter().filter(|(n, _)| n == name) {
+                        for a in addrs.iter().filter(|a| a.is_ipv4()) {
+                            add(format!("{a}/32"), *ports);
+                        }
+                    }
+                }
+            }
+        }
+        if !elements.is_empty() {
+            let _ = writeln!(
+                s,
+                "add element inet {TABLE} {set} {{ {} }}",
+                elements.join(", ")
+            );
+        }
+    }
+    s
+}
+
+/// Removes loopmux's table (after a clean stop, or leftovers after a
+/// crash). A missing table is not an error.
+///
+/// # Errors
+/// When `nft` cannot run or refuses.
+pub async fn remove() -> Result<(), RulesError> {
+    nft(&format!(
+        "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
+    ))
+    .await
+}
+
+/// Keeps the table alive while loopmux runs.
+pub struct Keeper {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    /// Whether the last renewal went through (a gauge and `/status`).
+    pub current: Arc<AtomicBool>,
+}
+
+impl Keeper {
+    /// Installs the table for `listeners` and starts renewing it.
+    ///
+    /// # Errors
+    /// When the table cannot be installed: interception must not start
+    /// half-done.
+    pub async fn start(
+        listeners: Vec<Intercepted>,
+        dns_refresh: Duration,
+    ) -> Result<Keeper, RulesError> {
+        nft(&table_script(&listeners)).await?;
+        let current = Arc::new(AtomicBool::new(false));
+        let resolved = resolve(&listeners).await;
+        nft(&heartbeat_script(&listeners, &resolved)).await?;
+        current.store(true, Ordering::Relaxed);
+        tracing::info!(table = %format!("inet {TABLE}"), listeners = listeners.len(), ttl = ?ELEMENT_TTL, "interception rules installed");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(renew(
+            listeners,
+            resolved,
+            dns_refresh,
+            stop.clone(),
+            current.clone(),
+        ));
+        Ok(Keeper {
+            stop,
+            task,
+            current,
+        })
+    }
+
+    /// Stops renewing (a successor replaces the table).
+    pub async fn stop_renewing(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Stops renewing and removes the table.
+    pub async fn remove(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        match remove().await {
+            Ok(()) => tracing::info!("interception rules removed"),
+            Err(e) => {
+                tracing::error!(error = %e, "interception rules could not be removed; they expire within {:?}", ELEMENT_TTL)
+            }
+        }
+    }
+}
+
+async fn resolve(listeners: &[Intercepted]) -> Vec<(String, Vec<IpAddr>)> {
+    let mut out: Vec<(String, Vec<IpAddr>)> = Vec::new();
+    for l in listeners {
+        for m in &l.matches {
+            if let KernelMatch::Name { name, .. } = m {
+                if out.iter().any(|(n, _)| n == name) {
+                    continue;
+                }
+                match tokio::net::lookup_host((name.as_str(), 0)).await {
+                    Ok(a) => out.push((name.clone(), a.map(|s| s.ip()).collect())),
+                    Err(e) => {
+                        tracing::warn!(destination = %name, error = %e, "interception: cannot resolve; its connections are not intercepted until it does");
+                        out.push((name.clone(), Vec::new()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn renew(
+    listeners: Vec<Intercepted>,
+    mut resolved: Vec<(String, Vec<IpAddr>)>,
+    dns_refresh: Duration,
+    stop: CancellationToken,
+    current: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_dns = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if last_dns.elapsed() >= dns_refresh {
+            resolved = resolve(&listeners).await;
+            last_dns = tokio::time::Instant::now();
+        }
+        match nft(&heartbeat_script(&listeners, &resolved)).await {
+            Ok(()) => current.store(true, Ordering::Relaxed),
+            Err(e) => {
+                if current.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "interception rules not renewed: they expire and the apps go direct (fail open)");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scripts_name_every_rule_and_element() {
+        let l = Intercepted {
+            listener: "legacy".into(),
+            port: 15001,
+            uids: vec![1000, 1001],
+            cgroups: vec!["system.slice/legacy.service".into()],
+            matches: vec![
+                KernelMatch::Net {
+                    base: "198.18.0.0".parse().unwrap(),
+                    prefix: 15,
+                    ports: (9000, 9000),
+                },
+                KernelMatch::Name {
+                    name: "api.example".into(),
+                    ports: (1, 65535),
+                },
+            ],
+        };
+        let t = table_script(std::slice::from_ref(&l));
+        assert!(
+            t.contains("meta skuid { 1000, 1001 } ip daddr . tcp dport @dst0 redirect to :15001"),
+            "{t}"
+        );
+        assert!(
+            t.contains("socket cgroupv2 level 2 \"system.slice/legacy.service\""),
+            "{t}"
+        );
+        let h = heartbeat_script(
+            &[l],
+            &[("api.example".into(), vec!["198.18.9.9".parse().unwrap()])],
+        );
+        assert!(h.contains("flush set inet loopmux dst0"), "{h}");
+        assert!(h.contains("198.18.0.0/15 . 9000 timeout 6s"), "{h}");
+        assert!(h.contains("198.18.9.9/32 . 1-65535 timeout 6s"), "{h}");
+    }
+}
