@@ -77,3 +77,19 @@ fn unit_file_is_notify_hardened_and_reloads_with_sighup() {
         assert!(unit.lines().any(|l| l == line), "missing `{line}`");
     }
 }
+
+#[test]
+fn the_interception_drop_in_adds_only_what_interception_needs() {
+    let d = std::fs::read_to_string(root().join("packaging/intercept.conf")).unwrap();
+    for line in [
+        "[Service]",
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "AmbientCapabilities=CAP_NET_ADMIN",
+        "ExecStopPost=-/usr/bin/loopmux intercept --remove",
+    ] {
+        assert!(d.lines().any(|l| l == line), "missing `{line}`");
+    }
+    // The default unit stays without capabilities.
+    let unit = std::fs::read_to_string(root().join("packaging/loopmux.service")).unwrap();
+    assert!(!unit.contains("CAP_NET_ADMIN"));
+}

@@ -443,6 +443,14 @@ fn intercept_mistakes_are_named() {
             "opaque_ports[0]",
         ),
         (
+            base("uids = [65534], destinations = [\"*.example.com:80\"]", ""),
+            "not deny rules, wildcards",
+        ),
+        (
+            base("uids = [65534], destinations = [\"[fd00::1]:80\"]", ""),
+            "IPv6 destinations are not intercepted",
+        ),
+        (
             base("uids = [\"root\"], destinations = [\"198.18.0.2:80\"]", ""),
             "intercept.uids: expected a list of whole numbers",
         ),

@@ -1158,7 +1158,33 @@ fn intercept(
             c.fail(k("destinations"), "is required: the destinations (IP, CIDR or name, with :port or :*) whose connections are intercepted");
             None
         }
-        Ok(l) => Some(l),
+        Ok(l) => match l.kernel_matches() {
+            Err(rule) => {
+                c.fail(
+                    k("destinations"),
+                    format!("`{rule}`: the kernel matches addresses, ranges and names (resolved) with ports; not deny rules, wildcards or `*`"),
+                );
+                None
+            }
+            Ok(m)
+                if m.iter().any(|m| {
+                    matches!(
+                        m,
+                        crate::allow::KernelMatch::Net {
+                            base: IpAddr::V6(_),
+                            ..
+                        }
+                    )
+                }) =>
+            {
+                c.fail(
+                    k("destinations"),
+                    "IPv6 destinations are not intercepted in this version",
+                );
+                None
+            }
+            Ok(_) => Some(l),
+        },
         Err(errors) => {
             for (j, reason) in errors {
                 c.fail(format!("{}[{j}]", k("destinations")), reason);
