@@ -212,9 +212,18 @@ fn exhaustion_lab() {
             let behind = loopmux::demo::origin::Origin::start(SocketAddr::new(ip, 9001))
                 .await
                 .unwrap();
-            for port in [TCP_PORT_FOUR, TCP_PORT_ONE] {
+            for port in [TCP_PORT_FOUR, TCP_PORT_ONE, ICPT_OPAQUE_PORT] {
                 tokio::spawn(pong_server(SocketAddr::new(ip, port)));
             }
+            let icpt_origin =
+                loopmux::demo::origin::Origin::start(SocketAddr::new(ip, ICPT_HTTP_PORT))
+                    .await
+                    .unwrap();
+            let icpt_direct =
+                loopmux::demo::origin::Origin::start(SocketAddr::new(ip, ICPT_DIRECT_PORT))
+                    .await
+                    .unwrap();
+            let icpt_stats = icpt_origin.stats.clone();
             tokio::spawn(pong_server(SocketAddr::new(
                 "127.0.0.1".parse().unwrap(),
                 TUNNEL_ECHO_PORT,
@@ -234,6 +243,7 @@ fn exhaustion_lab() {
                     behind.addr,
                     behind.stats.clone(),
                     forward_origin.stats.clone(),
+                    icpt_stats.clone(),
                 ))
                 .unwrap();
             // Wait for the test to finish without blocking the runtime.
@@ -243,7 +253,7 @@ fn exhaustion_lab() {
             serve_app.stop(Duration::from_secs(2)).await;
         });
     });
-    let (direct_addr, behind_addr, behind_stats, forward_stats) = ready_rx
+    let (direct_addr, behind_addr, behind_stats, forward_stats, icpt_stats) = ready_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("origins started");
 
@@ -273,6 +283,7 @@ fn exhaustion_lab() {
 
     let cli = lab.cli.clone();
     let forward_stats_cli = forward_stats.clone();
+    let icpt_stats_cli = icpt_stats.clone();
     let result = in_netns(&cli, move || {
         let rt = runtime();
         rt.block_on(async move {
@@ -338,7 +349,11 @@ fn exhaustion_lab() {
             // 7. tunnel mode: the same raw connections as CONNECT streams
             //    to the serve role in the server namespace.
             let tunnel = tunnel_phase(&tunnel_client_tls).await;
-            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward, tcp, tunnel)
+
+            // 8. Interception: an unmodified legacy client (bash, as uid
+            //    65534) pointed at the origin's real address.
+            let intercept = intercept_phase(icpt_stats_cli).await;
+            (direct, through, failover, time_wait_toward_upstream, source0_eaddrnotavail, report, h2, h2_connects, h2_time_wait, forward, tcp, tunnel, intercept)
         })
     })
     .join();
@@ -357,6 +372,7 @@ fn exhaustion_lab() {
         forward,
         tcp,
         tunnel,
+        intercept,
     ) = result.expect("client side of the lab panicked");
     println!(
         "diagnose in the client namespace after the direct phase:\n{}",
@@ -512,6 +528,163 @@ fn exhaustion_lab() {
         tunnel.connects
     );
     assert_eq!(tunnel.time_wait, 0);
+
+    println!("interception (bash as uid {ICPT_UID}, a new connection per request, pointed at the origin's real address):");
+    println!("| case | ok | errors | TIME_WAIT toward the destination (client ns) |");
+    println!("|---|---|---|---|");
+    for (name, r) in [
+        ("HTTP, direct (no loopmux)", &intercept.direct),
+        ("HTTP, intercepted", &intercept.http),
+        (
+            "opaque, client closes first, intercepted",
+            &intercept.opaque,
+        ),
+    ] {
+        println!("| {name} | {} | {} | {} |", r.ok, r.errors, r.time_wait);
+    }
+    println!(
+        "interception: origin accepted {} connections (max_connections {MAX_CONNECTIONS}); table left after a clean stop: {}",
+        intercept.origin_accepted, intercept.table_left
+    );
+    assert!(
+        intercept.direct.errors > 0 && intercept.direct.ok <= 1_100,
+        "direct: {:?}",
+        intercept.direct
+    );
+    assert_eq!(
+        intercept.http.ok, ICPT_REQUESTS,
+        "intercepted: {:?}",
+        intercept.http
+    );
+    assert_eq!(intercept.http.errors, 0);
+    assert!(
+        (1..=MAX_CONNECTIONS as u64).contains(&intercept.origin_accepted),
+        "origin accepted {}",
+        intercept.origin_accepted
+    );
+    assert_eq!(
+        intercept.http.time_wait, 0,
+        "TIME_WAIT toward the intercepted origin"
+    );
+    assert!(
+        intercept.opaque.errors > 0,
+        "opaque, client closes first: the limit should show: {:?}",
+        intercept.opaque
+    );
+    assert!(
+        !intercept.table_left,
+        "a clean stop left the nftables table"
+    );
+}
+
+const ICPT_UID: &str = "65534";
+const ICPT_HTTP_PORT: u16 = 9200;
+const ICPT_OPAQUE_PORT: u16 = 9201;
+const ICPT_DIRECT_PORT: u16 = 9202;
+const ICPT_REQUESTS: usize = 10_000;
+
+#[derive(Debug, Default)]
+struct IcptRun {
+    ok: usize,
+    errors: usize,
+    time_wait: usize,
+}
+
+struct IcptFigures {
+    direct: IcptRun,
+    http: IcptRun,
+    opaque: IcptRun,
+    origin_accepted: u64,
+    table_left: bool,
+}
+
+/// A legacy client in bash, run as the intercepted uid: `n` times, a new
+/// connection to `to`, one request, the answer read, then its own close.
+/// HTTP: reads the head and the 3-byte body (`ok\\n`, Content-Length);
+/// opaque: `ping`, `pong`.
+async fn bash_client(to: SocketAddr, n: usize, http: bool) -> (usize, usize) {
+    let exchange = if http {
+        "printf 'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; IFS= read -r -t 5 status <&3 || status=;          while IFS= read -r -t 5 h <&3 && [ \"$h\" != $'\\r' ]; do :; done; read -r -t 5 -N 3 body <&3;          [[ $status == 'HTTP/1.1 200'* && $body == $'ok\\n' ]]"
+    } else {
+        "printf 'ping\\n' >&3; read -r -t 5 -N 5 r <&3; [ \"$r\" = $'pong\\n' ]"
+    };
+    let script = format!(
+        "ok=0; err=0; for i in $(seq 1 {n}); do            if exec 3<>/dev/tcp/{}/{} 2>/dev/null; then              if {exchange}; then ok=$((ok+1)); else err=$((err+1)); fi; exec 3<&-;            else err=$((err+1)); fi;          done; echo $ok $err",
+        to.ip(),
+        to.port()
+    );
+    let out = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            ICPT_UID,
+            "--regid",
+            ICPT_UID,
+            "--clear-groups",
+            "/bin/bash",
+            "-c",
+            &script,
+        ])
+        .output()
+        .await
+        .expect("setpriv and bash (util-linux, bash)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<usize>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(n))
+}
+
+fn nft_tables() -> String {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn intercept_phase(
+    origin_stats: std::sync::Arc<loopmux::demo::origin::OriginStats>,
+) -> IcptFigures {
+    let ip: IpAddr = SERVER_IP.parse().unwrap();
+    let http_dst = SocketAddr::new(ip, ICPT_HTTP_PORT);
+    let opaque_dst = SocketAddr::new(ip, ICPT_OPAQUE_PORT);
+    let direct_dst = SocketAddr::new(ip, ICPT_DIRECT_PORT);
+    // Without loopmux: the client closes first and runs out of ports.
+    let (ok, errors) = bash_client(direct_dst, 3_000, true).await;
+    let direct = IcptRun {
+        ok,
+        errors,
+        time_wait: count_toward(&read_sockets().unwrap(), direct_dst, TIME_WAIT),
+    };
+    let toml = format!(
+        "[[listener]]\nname = \"legacy\"\nbind = \"127.0.0.1:15001\"\nmode = \"intercept\"\n\
+         intercept = {{ uids = [{ICPT_UID}], destinations = [\"{http_dst}\", \"{opaque_dst}\"] }}\n\n\
+         [forward_defaults]\nmax_connections = {MAX_CONNECTIONS}\n"
+    );
+    let (app, _) = support::start(&toml).await;
+    let (ok, errors) = bash_client(http_dst, ICPT_REQUESTS, true).await;
+    let http = IcptRun {
+        ok,
+        errors,
+        time_wait: count_toward(&read_sockets().unwrap(), http_dst, TIME_WAIT),
+    };
+    let (ok, errors) = bash_client(opaque_dst, 3_000, false).await;
+    let opaque = IcptRun {
+        ok,
+        errors,
+        time_wait: count_toward(&read_sockets().unwrap(), opaque_dst, TIME_WAIT),
+    };
+    let origin_accepted = origin_stats
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    app.stop(Duration::from_secs(5)).await;
+    IcptFigures {
+        direct,
+        http,
+        opaque,
+        origin_accepted,
+        table_left: nft_tables().contains("inet loopmux"),
+    }
 }
 
 const SERVE_PORT: u16 = 9444;

