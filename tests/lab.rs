@@ -219,7 +219,7 @@ fn exhaustion_lab() {
                 loopmux::demo::origin::Origin::start(SocketAddr::new(ip, ICPT_HTTP_PORT))
                     .await
                     .unwrap();
-            let icpt_direct =
+            let _icpt_direct =
                 loopmux::demo::origin::Origin::start(SocketAddr::new(ip, ICPT_DIRECT_PORT))
                     .await
                     .unwrap();
