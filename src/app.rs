@@ -76,6 +76,7 @@ enum Serving {
         proxy: Arc<Proxy>,
         local: SocketAddr,
         stats: crate::metrics::RawStats,
+        kinds: crate::metrics::InterceptStats,
     },
 }
 
@@ -116,12 +117,14 @@ impl Serving {
                 proxy,
                 local,
                 stats,
+                kinds,
             } => match &lc.intercept {
                 Some(ic) => Handler::Intercept(Arc::new(crate::intercept::InterceptServer::new(
                     Arc::new(HttpServer::new(lc, proxy.clone())),
                     ic,
                     *local,
                     stats.clone(),
+                    kinds.clone(),
                 ))),
                 // Validation gives every intercept listener its config.
                 None => Handler::Http(Arc::new(HttpServer::new(lc, proxy.clone()))),
@@ -286,6 +289,7 @@ impl App {
                 )),
                 local: addr,
                 stats: self.metrics.tcp(&lc.name),
+                kinds: self.metrics.intercept(&lc.name),
             },
             (Mode::Tcp | Mode::Tunnel, Some(up)) => {
                 Serving::Tcp(Arc::new(TcpServer::new(lc, up, self.metrics.tcp(&lc.name))))

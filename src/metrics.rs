@@ -39,6 +39,7 @@ pub struct Metrics {
     serve_refused: Family<Labels, Counter>,
     serve_targets: Family<Labels, Counter>,
     serve_handshake_failures: Counter,
+    intercept_connections: Family<Labels, Counter>,
 }
 
 /// A forward listener's own handles.
@@ -62,8 +63,46 @@ pub struct ServeStats {
     pub handshake_failures: Counter,
     refused: Family<Labels, Counter>,
     targets: Family<Labels, Counter>,
-    /// Targets with a label of their own (at most [`MAX_TARGET_LABELS`]).
-    labelled: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    labelled: Bounded,
+}
+
+/// Label values of their own for at most [`MAX_TARGET_LABELS`] distinct
+/// destinations; the rest count as `other` (a wildcard or a range could
+/// otherwise grow the metrics without bound).
+#[derive(Clone, Default)]
+pub struct Bounded(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl Bounded {
+    pub fn label(&self, value: &str) -> String {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(value) || seen.len() < MAX_TARGET_LABELS {
+            seen.insert(value.to_string());
+            value.to_string()
+        } else {
+            "other".to_string()
+        }
+    }
+}
+
+/// An intercept listener's connections, by destination and kind.
+#[derive(Clone)]
+pub struct InterceptStats {
+    listener: String,
+    connections: Family<Labels, Counter>,
+    labelled: Bounded,
+}
+
+impl InterceptStats {
+    /// A redirected connection to `destination`: `http`, `opaque`, or
+    /// `refused` (outside `destinations`).
+    pub fn connection(&self, destination: &str, kind: &'static str) {
+        let l = vec![
+            ("listener", self.listener.clone()),
+            ("destination", self.labelled.label(destination)),
+            ("kind", kind.to_string()),
+        ];
+        self.connections.get_or_create(&l).inc();
+    }
 }
 
 /// Distinct targets with a label of their own in
@@ -81,15 +120,7 @@ impl ServeStats {
 
     /// A stream opened to `target`.
     pub fn stream_to(&self, target: &str) {
-        let label = {
-            let mut seen = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.contains(target) || seen.len() < MAX_TARGET_LABELS {
-                seen.insert(target.to_string());
-                target.to_string()
-            } else {
-                "other".to_string()
-            }
-        };
+        let label = self.labelled.label(target);
         self.targets.get_or_create(&vec![("target", label)]).inc();
     }
 }
@@ -241,6 +272,7 @@ impl Metrics {
             serve_refused: Family::default(),
             serve_targets: Family::default(),
             serve_handshake_failures: Counter::default(),
+            intercept_connections: Family::default(),
         };
         r.register(
             "listener_connections_accepted",
@@ -302,6 +334,11 @@ impl Metrics {
             "TLS handshakes of tunnel clients that failed or timed out",
             m.serve_handshake_failures.clone(),
         );
+        r.register(
+            "intercept_connections",
+            "Redirected connections, by destination and kind (http, opaque, refused)",
+            m.intercept_connections.clone(),
+        );
         r.register_collector(Box::new(UpstreamCollector { shared }));
         m
     }
@@ -332,7 +369,15 @@ impl Metrics {
             handshake_failures: self.serve_handshake_failures.clone(),
             refused: self.serve_refused.clone(),
             targets: self.serve_targets.clone(),
-            labelled: Arc::default(),
+            labelled: Bounded::default(),
+        }
+    }
+
+    pub fn intercept(&self, name: &str) -> InterceptStats {
+        InterceptStats {
+            listener: name.to_string(),
+            connections: self.intercept_connections.clone(),
+            labelled: Bounded::default(),
         }
     }
 
@@ -592,7 +637,7 @@ impl prometheus_client::collector::Collector for UpstreamCollector {
                 "1 while the interception rules' last renewal went through (0: they are expiring, and the apps go direct)",
                 false,
                 &[Sample {
-                    labels: Vec::new(),
+                    labels: vec![("table", "inet loopmux".to_string())],
                     value: u64::from(current),
                 }],
             )?;

@@ -152,7 +152,7 @@ async fn scenario() {
         .await
         .unwrap();
     let toml = format!(
-        "[[listener]]\nname = \"legacy\"\nbind = \"127.0.0.1:{LISTENER_PORT}\"\nmode = \"intercept\"\n\
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"legacy\"\nbind = \"127.0.0.1:{LISTENER_PORT}\"\nmode = \"intercept\"\n\
          intercept = {{ uids = [{UID}], destinations = [\"{NS_IP}:{HTTP_PORT}\", \"{NS_IP}:{RAW_PORT}\"] }}\n\n\
          [forward_defaults]\nmax_connections = 2\n"
     );
@@ -188,6 +188,33 @@ async fn scenario() {
     );
     let reached = tokio::time::timeout(Duration::from_millis(300), outside.accept()).await;
     assert!(reached.is_err(), "the outside destination was dialed");
+    let admin = app.admin_addr.unwrap();
+    for (dst, kind, n) in [
+        (format!("{NS_IP}:{HTTP_PORT}"), "http", 30.0),
+        (format!("{NS_IP}:{RAW_PORT}"), "opaque", 1.0),
+        (format!("{NS_IP}:{OUTSIDE_PORT}"), "refused", 1.0),
+    ] {
+        let got = support::raw_upstream::metric(
+            admin,
+            "loopmux_intercept_connections_total",
+            &[
+                ("listener", "legacy"),
+                ("destination", &dst),
+                ("kind", kind),
+            ],
+        )
+        .await;
+        assert_eq!(got, n, "{dst} {kind}");
+    }
+    assert_eq!(
+        support::raw_upstream::metric(
+            admin,
+            "loopmux_intercept_rules_current",
+            &[("table", "inet loopmux")]
+        )
+        .await,
+        1.0
+    );
     assert!(
         nft_tables().contains("inet loopmux"),
         "loopmux's table while it runs"

@@ -20,7 +20,7 @@ use crate::config::InterceptConfig;
 use crate::forward::target::Target;
 use crate::http::HttpServer;
 use crate::listener::Drain;
-use crate::metrics::RawStats;
+use crate::metrics::{InterceptStats, RawStats};
 
 /// The destination of an intercepted connection, for its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +95,7 @@ pub struct InterceptServer {
     /// has it as its "original" destination.
     local: SocketAddr,
     pub stats: RawStats,
+    kinds: InterceptStats,
 }
 
 impl InterceptServer {
@@ -103,12 +104,14 @@ impl InterceptServer {
         cfg: &InterceptConfig,
         local: SocketAddr,
         stats: RawStats,
+        kinds: InterceptStats,
     ) -> Self {
         InterceptServer {
             http,
             cfg: Arc::new(cfg.clone()),
             local,
             stats,
+            kinds,
         }
     }
 
@@ -121,13 +124,17 @@ impl InterceptServer {
             }
         };
         let host = Host::Ip(crate::allow::canonical(dst.ip()));
+        let shown = dst.to_string();
         if let Err(d) = self.cfg.destinations.check(&host, dst.port()) {
+            self.kinds.connection(&shown, "refused");
             tracing::warn!(destination = %dst, reason = %d, "intercept: destination outside `destinations` (a stale rule?); refused, not dialed");
             return;
         }
         // Silent past detect_timeout: the server speaks first (opaque).
         let opaque = self.cfg.opaque_ports.contains(&dst.port())
             || !looks_like_http(&first_bytes(&stream, self.cfg.detect_timeout).await);
+        self.kinds
+            .connection(&shown, if opaque { "opaque" } else { "http" });
         if !opaque {
             let Some(f) = self.http.proxy().forward_routing() else {
                 return;
