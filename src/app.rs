@@ -403,6 +403,13 @@ impl App {
                 }
             }
         }
+        self.shared.set_intercept_rules(
+            crate::intercept::rules::table_script(&wanted)
+                .lines()
+                .filter(|l| l.contains("redirect to"))
+                .map(|l| l.trim().to_string())
+                .collect(),
+        );
         if let Some(p) = previous {
             if wanted.is_empty() {
                 p.remove().await;

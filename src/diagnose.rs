@@ -208,6 +208,10 @@ pub struct Report {
     pub verdict: Verdict,
     /// A loopmux config for the worst non-loopback destinations at risk.
     pub suggested_config: Option<String>,
+    /// For each destination at risk: what frees its ports, told apart by
+    /// whether its protocol is likely HTTP (loopmux can close first) or
+    /// not (the app closes first whatever is in between).
+    pub advice: Vec<String>,
 }
 
 fn read(path: &Path) -> Result<String, DiagnoseError> {
@@ -326,6 +330,7 @@ pub fn analyze(sockets: &[SockEntry], sysctls: Sysctls) -> Report {
         .max()
         .unwrap_or(Verdict::Ok);
     let suggested_config = suggest(&destinations);
+    let advice = advise(&destinations);
     Report {
         usable_ports: usable,
         sockets_total: sockets.len(),
@@ -333,8 +338,39 @@ pub fn analyze(sockets: &[SockEntry], sysctls: Sysctls) -> Report {
         sysctls,
         destinations,
         verdict,
+        advice,
         suggested_config,
     }
+}
+
+/// Ports where HTTP is usual. A guess from the port only: `diagnose`
+/// cannot see the protocol, and says so.
+const HTTP_PORTS: [u16; 8] = [80, 8000, 8008, 8080, 8081, 8088, 8888, 9000];
+
+/// What frees the ports of each destination at risk. TIME_WAIT held here
+/// means the apps here close first. For HTTP loopmux can close first for
+/// them (http listener, forward, interception); for other protocols
+/// interception cannot help, only loopback or `tcp_tw_reuse = 1` can.
+fn advise(dests: &[Destination]) -> Vec<String> {
+    dests
+        .iter()
+        .filter(|d| d.verdict != Verdict::Ok && !d.remote.ip().is_loopback() && d.time_wait > 0)
+        .take(5)
+        .map(|d| {
+            let port = d.remote.port();
+            if HTTP_PORTS.contains(&port) {
+                format!(
+                    "{}: the apps here close first (TIME_WAIT is on this side); port {port} is usually HTTP, where loopmux can close first instead: an http listener, HTTP_PROXY to a forward listener, or interception (mode = \"intercept\") frees these ports",
+                    d.remote
+                )
+            } else {
+                format!(
+                    "{}: the apps here close first (TIME_WAIT is on this side); port {port} is not a usual HTTP port: if the protocol is not HTTP, interception cannot free these ports (the app still closes first); point the app at a loopback tcp listener (loopback TIME_WAIT is reused with tcp_tw_reuse = 2) or set net.ipv4.tcp_tw_reuse = 1",
+                    d.remote
+                )
+            }
+        })
+        .collect()
 }
 
 /// Past this many destinations at risk, one `http` listener per
@@ -470,6 +506,12 @@ impl Report {
                 );
             }
         }
+        if !self.advice.is_empty() {
+            let _ = writeln!(o, "\nWhat frees these ports:");
+            for a in &self.advice {
+                let _ = writeln!(o, "- {a}");
+            }
+        }
         if let Some(cfg) = &self.suggested_config {
             let _ = writeln!(o, "\nSuggested loopmux config:\n\n{cfg}");
         }
@@ -593,5 +635,35 @@ mod tests {
         let cfg = r.suggested_config.as_deref().unwrap();
         assert!(!cfg.contains("forward"), "{cfg}");
         assert_eq!(cfg.matches("[[listener]]").count(), 3, "{cfg}");
+    }
+
+    #[test]
+    fn advice_tells_http_from_other_protocols() {
+        let sysctls = Sysctls::parse("40000 40999", |_| None);
+        let mut sockets = Vec::new();
+        for port in [8080u16, 5432] {
+            for p in 0..700u16 {
+                sockets.push(SockEntry {
+                    local: SocketAddr::new("198.18.0.11".parse().unwrap(), 40000 + p),
+                    remote: SocketAddr::new("198.18.0.2".parse().unwrap(), port),
+                    state: TIME_WAIT,
+                });
+            }
+        }
+        let r = analyze(&sockets, sysctls);
+        let http = r
+            .advice
+            .iter()
+            .find(|a| a.starts_with("198.18.0.2:8080"))
+            .unwrap();
+        assert!(http.contains("interception"), "{http}");
+        let pg = r
+            .advice
+            .iter()
+            .find(|a| a.starts_with("198.18.0.2:5432"))
+            .unwrap();
+        assert!(pg.contains("interception cannot free"), "{pg}");
+        assert!(pg.contains("tcp_tw_reuse = 1"), "{pg}");
+        assert!(r.render(5).contains("What frees these ports:"));
     }
 }

@@ -29,6 +29,8 @@ pub struct Shared {
     ready: AtomicBool,
     /// Whether the interception rules' last renewal went through.
     intercept_current: RwLock<Option<Arc<AtomicBool>>>,
+    /// The interception rules installed (the nftables chain's lines).
+    intercept_rules: RwLock<Vec<String>>,
     generation: AtomicU64,
 }
 
@@ -84,6 +86,13 @@ impl Shared {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn set_intercept_rules(&self, rules: Vec<String>) {
+        *self
+            .intercept_rules
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = rules;
     }
 
     pub fn set_intercept_current(&self, flag: Arc<AtomicBool>) {
@@ -178,7 +187,11 @@ impl Shared {
             "generation": self.generation(),
             "ready": self.is_ready(),
             "listeners": *self.listeners(),
-            "intercept_rules_current": self.intercept_current(),
+            "intercept": {
+                "table": "inet loopmux",
+                "current": self.intercept_current(),
+                "rules": *self.intercept_rules.read().unwrap_or_else(|p| p.into_inner()),
+            },
             "upstreams": upstreams,
         })
     }

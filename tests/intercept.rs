@@ -215,6 +215,16 @@ async fn scenario() {
         .await,
         1.0
     );
+    let (_, status, _) = support::curl(&[&format!("http://{admin}/status")]).await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let rules = status["intercept"]["rules"].as_array().unwrap();
+    assert!(
+        rules.iter().any(|r| r
+            .as_str()
+            .unwrap()
+            .contains(&format!("meta skuid {{ {UID} }}"))),
+        "/status lists the rules: {status}"
+    );
     assert!(
         nft_tables().contains("inet loopmux"),
         "loopmux's table while it runs"
