@@ -156,7 +156,7 @@ async fn scenario() {
          intercept = {{ uids = [{UID}], destinations = [\"{NS_IP}:{HTTP_PORT}\", \"{NS_IP}:{RAW_PORT}\"] }}\n\n\
          [forward_defaults]\nmax_connections = 2\n"
     );
-    let (app, _) = support::start(&toml).await;
+    let (mut app, _) = support::start(&toml).await;
 
     // HTTP: 30 curl runs as the uid, each a new connection to the origin's
     // real address; through loopmux, over at most 2 origin connections.
@@ -228,6 +228,21 @@ async fn scenario() {
     assert!(
         nft_tables().contains("inet loopmux"),
         "loopmux's table while it runs"
+    );
+    // A reload that drops the HTTP destination: the table is replaced and
+    // the app's next request goes directly to the origin.
+    let before = origin.stats.accepted.load(Ordering::Relaxed);
+    let reloaded = toml.replace(&format!("\"{NS_IP}:{HTTP_PORT}\", "), "");
+    app.reload(loopmux::config::load_str(&reloaded, Default::default()).unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{NS_IP}:{HTTP_PORT}/bytes/3");
+    let out = as_uid("curl", &["--silent", "--max-time", "5", &url]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        origin.stats.accepted.load(Ordering::Relaxed),
+        before + 1,
+        "after the reload the request went directly (a new connection)"
     );
     app.stop(Duration::from_secs(2)).await;
     assert!(
