@@ -591,3 +591,15 @@ fn access_log_says_when_a_response_was_cut() {
     assert_eq!(cut["cut"], "upstream-error", "{cut}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Without `--remove` the command says what it would do and exits 64; the
+/// removal itself is tested as root in tests/intercept.rs.
+#[test]
+fn intercept_without_remove_says_what_it_does() {
+    let out = Command::new(BIN).arg("intercept").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopmux intercept --remove"),
+        "{out:?}"
+    );
+}
