@@ -25,15 +25,23 @@ struct Touch<S> {
     read: u64,
     last_ms: Arc<AtomicU64>,
     epoch: Instant,
+    /// Set when this side's read ends (its FIN): the relay is half-closed.
+    eof: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<S> Touch<S> {
-    fn new(inner: S, last_ms: Arc<AtomicU64>, epoch: Instant) -> Self {
+    fn new(
+        inner: S,
+        last_ms: Arc<AtomicU64>,
+        epoch: Instant,
+        eof: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         Touch {
             inner,
             read: 0,
             last_ms,
             epoch,
+            eof,
         }
     }
 
@@ -52,9 +60,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Touch<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
-            self.read += n as u64;
-            self.touch();
+        if matches!(r, Poll::Ready(Ok(()))) {
+            if n > 0 {
+                self.read += n as u64;
+                self.touch();
+            } else if buf.remaining() > 0 {
+                self.eof.store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -89,15 +101,34 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touch<S> {
 /// connection.
 const COPY_BUF: usize = 16 * 1024;
 
-/// Resolves once no byte has moved for `idle`.
-async fn idle_for(last_ms: &AtomicU64, epoch: Instant, idle: Duration) {
+/// Once one side has sent its FIN, the other direction gets at most this
+/// long without a byte (HAProxy's `timeout client-fin` idea): a peer that
+/// never passes a half-close on (tinyproxy, nghttpx in front of it) would
+/// otherwise hold a relay whose client is long gone for `idle_timeout`.
+pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
+
+/// Resolves once no byte has moved for `idle` (for [`HALF_CLOSED_IDLE`]
+/// once a side has ended).
+async fn idle_for(
+    last_ms: &AtomicU64,
+    epoch: Instant,
+    idle: Duration,
+    half_closed: &std::sync::atomic::AtomicBool,
+) {
     loop {
+        let limit = if half_closed.load(Ordering::Relaxed) {
+            idle.min(HALF_CLOSED_IDLE)
+        } else {
+            idle
+        };
         let last = epoch + Duration::from_millis(last_ms.load(Ordering::Relaxed));
-        let deadline = last + idle;
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= last + limit {
             return;
         }
-        tokio::time::sleep_until(deadline).await;
+        // Wakes at least every HALF_CLOSED_IDLE: a FIN since the last look
+        // shortens the limit.
+        tokio::time::sleep_until((last + limit).min(now + HALF_CLOSED_IDLE)).await;
     }
 }
 
@@ -138,8 +169,9 @@ where
 {
     let epoch = Instant::now();
     let last_ms = Arc::new(AtomicU64::new(0));
-    let mut c = Touch::new(client, last_ms.clone(), epoch);
-    let mut u = Touch::new(upstream, last_ms.clone(), epoch);
+    let half_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut c = Touch::new(client, last_ms.clone(), epoch, half_closed.clone());
+    let mut u = Touch::new(upstream, last_ms.clone(), epoch, half_closed.clone());
     stats.active.inc();
     let end = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, COPY_BUF, COPY_BUF) => match r {
@@ -147,7 +179,7 @@ where
             Err(e) => End::Error(e),
         },
         _ = cut.cancelled() => End::Cut,
-        _ = idle_for(&last_ms, epoch, idle_timeout) => End::Idle,
+        _ = idle_for(&last_ms, epoch, idle_timeout, &half_closed) => End::Idle,
     };
     stats.active.dec();
     stats.bytes_upstream.inc_by(c.read);
@@ -165,5 +197,57 @@ where
         to_upstream: c.read,
         to_client: u.read,
         end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn stats() -> RawStats {
+        let mut r = prometheus_client::registry::Registry::default();
+        let m = crate::metrics::Metrics::new(&mut r, Arc::default());
+        m.tcp("t")
+    }
+
+    /// The client sends its request and its FIN; the upstream neither
+    /// answers nor closes. The relay ends after HALF_CLOSED_IDLE, not after
+    /// the hour of idle_timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_relay_ends_after_the_half_closed_limit() {
+        let (client, mut app) = tokio::io::duplex(1024);
+        let (upstream, mut server) = tokio::io::duplex(1024);
+        app.write_all(b"request").await.unwrap();
+        app.shutdown().await.unwrap();
+        let started = Instant::now();
+        let relay = tokio::spawn(async move {
+            let cut = CancellationToken::new();
+            relay(client, upstream, Duration::from_secs(3600), &cut, &stats()).await
+        });
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"request");
+        let r = relay.await.unwrap();
+        assert!(matches!(r.end, End::Idle), "{:?}", r.end);
+        let took = started.elapsed();
+        assert!(
+            took >= HALF_CLOSED_IDLE && took < HALF_CLOSED_IDLE * 2,
+            "ended after {took:?}"
+        );
+        drop(server);
+    }
+
+    /// Both directions open and silent: idle_timeout applies, not the
+    /// half-closed limit.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_silent_relay_waits_for_idle_timeout() {
+        let (client, _app) = tokio::io::duplex(1024);
+        let (upstream, _server) = tokio::io::duplex(1024);
+        let started = Instant::now();
+        let cut = CancellationToken::new();
+        let r = relay(client, upstream, Duration::from_secs(300), &cut, &stats()).await;
+        assert!(matches!(r.end, End::Idle));
+        assert!(started.elapsed() >= Duration::from_secs(300));
     }
 }
