@@ -2,7 +2,8 @@
 # Comparative load benchmark, run by hand (not by CI):
 #   loopmux vs HAProxy (http-reuse always, maxconn 8; nbthread 2 as
 #   "haproxy", 1 as "haproxy1") vs nginx (keepalive 8; 2 workers as "nginx",
-#   1 as "nginx1")
+#   1 as "nginx1"), and loopmux at its default (one runtime thread per core) and
+#   at one thread ("loopmux1")
 # in front of the same local nginx origin, each driven by the same load:
 # a new client connection per request (wrk -H 'Connection: close'),
 # 16 concurrent, interleaved over several rounds. Loopback only.
@@ -100,11 +101,16 @@ sed -e 's/worker_processes 2/worker_processes 1/' -e 's/127.0.0.1:19202/127.0.0.
 
 nginx -c "$WORK/origin.conf" -e "$WORK/origin.err" & PIDS+=($!)
 "$BIN" run --config "$WORK/loopmux.toml" 2>"$WORK/loopmux.log" & PIDS+=($!); LMX=$!
-NAMES="loopmux haproxy haproxy1 nginx nginx1"
+# loopmux at each thread count too: its default (one per core) above, one
+# runtime thread here (process.threads = 1).
+{ cat "$WORK/loopmux.toml"; printf '[process]\nthreads = 1\n'; } |
+    sed 's/127.0.0.1:19200/127.0.0.1:19206/' > "$WORK/loopmux1.toml"
+"$BIN" run --config "$WORK/loopmux1.toml" 2>"$WORK/loopmux1.log" & PIDS+=($!); LMX1=$!
+NAMES="loopmux loopmux1 haproxy haproxy1 nginx nginx1"
 if [ -n "${BASELINE:-}" ]; then
     sed 's/127.0.0.1:19200/127.0.0.1:19203/' "$WORK/loopmux.toml" > "$WORK/baseline.toml"
     "$BASELINE" run --config "$WORK/baseline.toml" 2>"$WORK/baseline.log" & PIDS+=($!); BASE=$!
-    NAMES="loopmux baseline haproxy haproxy1 nginx nginx1"
+    NAMES="loopmux loopmux1 baseline haproxy haproxy1 nginx nginx1"
 fi
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!); HAP=$!
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & PIDS+=($!); NGX=$!
@@ -124,8 +130,8 @@ ticks() {
 }
 HZ=$(getconf CLK_TCK)
 
-declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202 [baseline]=19203 [haproxy1]=19204 [nginx1]=19205)
-declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX [baseline]=${BASE:-0} [haproxy1]=$HAP1 [nginx1]=$NGX1)
+declare -A PORT=([loopmux]=19200 [haproxy]=19201 [nginx]=19202 [baseline]=19203 [haproxy1]=19204 [nginx1]=19205 [loopmux1]=19206)
+declare -A PID=([loopmux]=$LMX [haproxy]=$HAP [nginx]=$NGX [baseline]=${BASE:-0} [haproxy1]=$HAP1 [nginx1]=$NGX1 [loopmux1]=$LMX1)
 RESULTS="$WORK/results"
 : > "$RESULTS"
 for name in $NAMES; do   # warm-up, not counted

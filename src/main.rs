@@ -183,13 +183,19 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("cannot start the runtime: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        })
+    runtime_with(0)
+}
+
+/// `threads`: worker threads, 0 for one per core (`process.threads`).
+fn runtime_with(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build().map_err(|e| {
+        eprintln!("cannot start the runtime: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
 }
 
 fn demo(spec: loopmux::demo::DemoSpec) -> ExitCode {
@@ -228,7 +234,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let rt = match runtime() {
+    let rt = match runtime_with(cfg.threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -260,6 +266,9 @@ fn run(path: &std::path::Path) -> ExitCode {
                     tracing::info!(config = %path.display(), "SIGHUP: reloading");
                     match loopmux::config::load_file(path) {
                         Ok(cfg) => {
+                            if cfg.threads != app.config().threads {
+                                tracing::warn!(running = app.config().threads, configured = cfg.threads, "process.threads takes effect at the next start, not on reload");
+                            }
                             if let Err(e) = app.reload(cfg).await {
                                 tracing::error!(error = %e, "reload failed; the running config stays");
                             }

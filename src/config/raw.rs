@@ -203,6 +203,7 @@ pub struct RawConfig {
 #[serde(default)]
 pub struct RawProcess {
     pub drain_timeout: Field<String>,
+    pub threads: Field<usize>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -460,3 +460,17 @@ fn intercept_mistakes_are_named() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+#[test]
+fn process_threads_is_checked() {
+    let c = load(&format!("{MINIMAL}\n[process]\nthreads = 1\n")).unwrap();
+    assert_eq!(c.threads, 1);
+    assert_eq!(load(MINIMAL).unwrap().threads, defaults::THREADS);
+    let e = problems(&format!("{MINIMAL}\n[process]\nthreads = 5000\n"));
+    assert!(e.contains("process.threads: 5000 is out of range"), "{e}");
+    let e = problems(&format!("{MINIMAL}\n[process]\nthreads = \"auto\"\n"));
+    assert!(
+        e.contains("process.threads: expected a whole number"),
+        "{e}"
+    );
+}

@@ -32,6 +32,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// How long in-flight requests may finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// Runtime worker threads; 0: one per core. Read at start only.
+    pub threads: usize,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -265,6 +267,12 @@ pub mod defaults {
     /// vanished without a FIN is, eventually (keepalive finds most first).
     pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Runtime worker threads (0: one per core). One: measured with
+    /// benches/compare.sh on a 2-core host (one run, 3 rounds), one thread
+    /// used 52.9 CPU ms per 1,000 requests against 64.4 for one per core,
+    /// and served 16,046 req/s against 15,259; a sidecar also leaves the
+    /// other cores to the apps it serves.
+    pub const THREADS: usize = 1;
     /// Covers the JSON and form bodies of typical API calls, so a slow
     /// uploader of one holds no upstream connection; worst case
     /// `max_clients` × this in memory, and only for bytes clients send.
@@ -474,6 +482,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         ),
         None => defaults::DRAIN_TIMEOUT,
     };
+    let threads = match &raw.process {
+        Some(p) => c.count(
+            "process.threads".into(),
+            &p.threads,
+            defaults::THREADS,
+            0..=1024,
+        ),
+        None => defaults::THREADS,
+    };
     let egress_sources = c.ips("egress.source_addresses", &raw.egress.source_addresses);
 
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
@@ -557,6 +574,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         Ok(Config {
             admin,
             drain_timeout,
+            threads,
             listeners,
             upstreams,
         })
