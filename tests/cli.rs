@@ -129,14 +129,6 @@ impl Child {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn run_serves_and_stops_cleanly_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -244,7 +236,7 @@ fn write_config(
     listener_extra: &str,
 ) -> (std::path::PathBuf, u16) {
     std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let file = dir.join("run.toml");
     std::fs::write(
         &file,
@@ -403,7 +395,7 @@ fn sighup_reloads_and_an_invalid_config_keeps_the_running_one() {
     std::thread::sleep(Duration::from_millis(300));
     wait_served(&rt, &format!("http://127.0.0.1:{port}/"));
 
-    let port2 = free_port();
+    let port2 = support::free_port();
     std::fs::write(
         &file,
         format!("{good}\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:{port2}\"\nupstream = \"u\"\n"),
@@ -438,7 +430,7 @@ fn sigterm_drains_slow_requests_and_readyz_says_draining() {
     let origin = rt.block_on(support::origin());
     let dir = std::env::temp_dir().join(format!("loopmux-drain-{}", std::process::id()));
     let (file, port) = write_config(&dir, origin.addr, "");
-    let admin_port = free_port();
+    let admin_port = support::free_port();
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
         &file,

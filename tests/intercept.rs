@@ -11,6 +11,8 @@
 
 mod support;
 
+use support::netns::{in_netns, may_run, runtime, KillOnDrop, Ns};
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -23,64 +25,28 @@ const OUTSIDE_PORT: u16 = 9002;
 const LISTENER_PORT: u16 = 15001;
 const UID: &str = "65534";
 
-fn why_not() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("it needs root for a network namespace and nftables".into());
-    }
-    for (tool, pkg) in [
-        ("ip", "iproute2"),
-        ("nft", "nftables"),
-        ("setpriv", "util-linux"),
-    ] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Some(format!("`{tool}` is not installed ({pkg})"));
-        }
-    }
-    None
-}
+const TOOLS: [(&str, &str); 3] = [
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("setpriv", "util-linux"),
+];
 
-struct Ns(String);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn run(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+/// A namespace of the test's own with NS_IP on its loopback.
+fn namespace(tag: &str) -> Ns {
+    let ns = Ns::new(format!("lmx-{tag}-{}", std::process::id()));
+    ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+    ns.exec(&["ip", "addr", "add", &format!("{NS_IP}/32"), "dev", "lo"])
+        .unwrap();
+    ns
 }
 
 #[test]
 fn intercepted_connections_go_where_they_were_going() {
-    if let Some(why) = why_not() {
-        if std::env::var("LOOPMUX_LAB_REQUIRED").as_deref() == Ok("1") {
-            panic!("LOOPMUX_LAB_REQUIRED=1 but the interception test cannot run: {why}");
-        }
-        eprintln!("SKIPPED intercepted_connections_go_where_they_were_going: {why}. Run as root (CI does).");
+    if !may_run("intercepted_connections_go_where_they_were_going", &TOOLS) {
         return;
     }
-    let ns = Ns(format!("lmx-icpt-{}", std::process::id()));
-    run(&["ip", "netns", "add", &ns.0]).unwrap();
-    let exec = |args: &[&str]| {
-        let mut all = vec!["ip", "netns", "exec", ns.0.as_str()];
-        all.extend_from_slice(args);
-        run(&all)
-    };
-    exec(&["ip", "link", "set", "lo", "up"]).unwrap();
-    exec(&["ip", "addr", "add", &format!("{NS_IP}/32"), "dev", "lo"]).unwrap();
+    let ns = namespace("icpt");
+    let exec = |args: &[&str]| ns.exec(args);
     // The uid's connections to NS_IP:9000-9002 go to the listener.
     // loopmux installs its own table (`inet loopmux`) for 9000 and 9001;
     // this one plays a stale rule: 9002 is redirected but not listed.
@@ -100,20 +66,7 @@ fn intercepted_connections_go_where_they_were_going() {
     );
     exec(&["nft", &rule]).unwrap();
 
-    let path = format!("/run/netns/{}", ns.0);
-    let result = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(scenario())
-    })
-    .join();
+    let result = in_netns(&ns.0, || runtime().block_on(scenario())).join();
     drop(ns);
     result.expect("the interception scenario panicked");
 }
@@ -260,38 +213,15 @@ fn nft_tables() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// loopmux run as its own process in a namespace; killed by its pid.
-struct Loopmux(std::process::Child);
-
-impl Drop for Loopmux {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Fail open: after SIGKILL the kernel's set elements expire and the app
 /// reaches its destination directly again; `loopmux intercept --remove`
 /// clears the leftover table; a clean stop (SIGTERM) leaves none.
 #[test]
 fn after_sigkill_the_app_goes_direct_again() {
-    if let Some(why) = why_not() {
-        if std::env::var("LOOPMUX_LAB_REQUIRED").as_deref() == Ok("1") {
-            panic!("LOOPMUX_LAB_REQUIRED=1 but the interception test cannot run: {why}");
-        }
-        eprintln!("SKIPPED after_sigkill_the_app_goes_direct_again: {why}. Run as root (CI does).");
+    if !may_run("after_sigkill_the_app_goes_direct_again", &TOOLS) {
         return;
     }
-    let ns = Ns(format!("lmx-icpk-{}", std::process::id()));
-    run(&["ip", "netns", "add", &ns.0]).unwrap();
-    for args in [
-        vec!["ip", "link", "set", "lo", "up"],
-        vec!["ip", "addr", "add", "198.18.5.2/32", "dev", "lo"],
-    ] {
-        let mut all = vec!["ip", "netns", "exec", ns.0.as_str()];
-        all.extend(args);
-        run(&all).unwrap();
-    }
+    let ns = namespace("icpk");
     let dir = std::env::temp_dir().join(format!("loopmux-icpk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("intercept.toml");
@@ -304,19 +234,9 @@ fn after_sigkill_the_app_goes_direct_again() {
         ),
     )
     .unwrap();
-    let path = format!("/run/netns/{}", ns.0);
     let ns_name = ns.0.clone();
-    let result = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(fail_open(ns_name, config))
+    let result = in_netns(&ns.0, move || {
+        runtime().block_on(fail_open(ns_name, config))
     })
     .join();
     drop(ns);
@@ -325,8 +245,8 @@ fn after_sigkill_the_app_goes_direct_again() {
     println!("interception fail-open after SIGKILL: the app reached its destination directly after {fail_open:?}");
 }
 
-fn spawn_loopmux(ns: &str, config: &std::path::Path) -> Loopmux {
-    Loopmux(
+fn spawn_loopmux(ns: &str, config: &std::path::Path) -> KillOnDrop {
+    KillOnDrop(
         Command::new("ip")
             .args([
                 "netns",

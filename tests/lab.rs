@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use loopmux::demo::load::{self, Closer, LoadSpec};
 use loopmux::diagnose::{count_toward, read_sockets, TIME_WAIT};
+use support::netns::{in_netns, runtime, KillOnDrop};
 
 const CLIENT_IPS: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
 const SERVER_IP: &str = "198.18.0.2";
@@ -25,30 +26,10 @@ const THROUGH_REQUESTS: usize = 20_000;
 const H2_PORT: u16 = 9443;
 const H2_MAX_CONNECTIONS: usize = 2;
 
-/// A child process started in a namespace; killed by its pid on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let mut all = vec!["ip"];
+    all.extend_from_slice(args);
+    support::netns::run(&all)
 }
 
 /// The two namespaces; removed on drop, also when an assertion failed.
@@ -117,41 +98,6 @@ impl Lab {
     }
 }
 
-/// Runs `f` on a new thread inside namespace `ns`, with its own runtime.
-/// Sockets created there (and by runtime threads it spawns) live in `ns`.
-fn in_netns<R: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> std::thread::JoinHandle<R> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: a valid namespace fd; setns affects only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn why_not() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("it needs root to create network namespaces".into());
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("iproute2 (`ip`) is not installed".into());
-    }
-    None
-}
-
 struct Figures {
     direct: load::LoadReport,
     through: load::LoadReport,
@@ -167,11 +113,7 @@ struct Figures {
 
 #[test]
 fn exhaustion_lab() {
-    if let Some(why) = why_not() {
-        if std::env::var("LOOPMUX_LAB_REQUIRED").as_deref() == Ok("1") {
-            panic!("LOOPMUX_LAB_REQUIRED=1 but the lab cannot run: {why}");
-        }
-        eprintln!("SKIPPED exhaustion_lab: {why}. Run as root (CI does) to run it.");
+    if !support::netns::may_run("exhaustion_lab", &[("ip", "iproute2")]) {
         return;
     }
     let lab = match Lab::build() {
@@ -263,7 +205,7 @@ fn exhaustion_lab() {
     let ca = support::pki::Ca::new("lab CA");
     let leaf = ca.server(&["localhost"], false);
     let ca_file = pki_dir.write("ca.pem", &ca.pem);
-    let _nghttpx = Child(
+    let _nghttpx = KillOnDrop(
         Command::new("ip")
             .args(["netns", "exec", &lab.srv, "nghttpx", "--conf=/dev/null"])
             .arg(format!("--frontend={SERVER_IP},{H2_PORT}"))

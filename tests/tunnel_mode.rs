@@ -7,9 +7,10 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::netns::KillOnDrop;
 use support::pki::{Ca, Dir};
 use support::raw_upstream::metric;
 use support::*;
@@ -17,24 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A child process, killed (by its pid) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn wait_listening(addr: SocketAddr) {
     for _ in 0..200 {
@@ -48,7 +31,7 @@ async fn wait_listening(addr: SocketAddr) {
 
 /// tinyproxy (HTTP/1 CONNECT) behind nghttpx (HTTP/2 proxy with TLS):
 /// returns the processes and nghttpx's address.
-async fn chain(dir: &Dir, ca: &Ca) -> (Proc, Proc, SocketAddr) {
+async fn chain(dir: &Dir, ca: &Ca) -> (KillOnDrop, KillOnDrop, SocketAddr) {
     let tiny_port = free_port();
     // No ConnectPort line: CONNECT to any port (the echo server's).
     let conf = dir.write(
@@ -57,7 +40,7 @@ async fn chain(dir: &Dir, ca: &Ca) -> (Proc, Proc, SocketAddr) {
             "Port {tiny_port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 200\nAllow 127.0.0.1\nLogLevel Error\nDisableViaHeader Yes\n"
         ),
     );
-    let tiny = Proc(
+    let tiny = KillOnDrop(
         Command::new("tinyproxy")
             .args(["-d", "-c", &conf])
             .stdout(Stdio::null())
@@ -68,7 +51,7 @@ async fn chain(dir: &Dir, ca: &Ca) -> (Proc, Proc, SocketAddr) {
     wait_listening(format!("127.0.0.1:{tiny_port}").parse().unwrap()).await;
     let leaf = ca.server(&["localhost"], false);
     let h2_port = free_port();
-    let nghttpx = Proc(
+    let nghttpx = KillOnDrop(
         Command::new("nghttpx")
             .arg("--conf=/dev/null")
             .arg("--http2-proxy")
@@ -91,8 +74,7 @@ async fn chain(dir: &Dir, ca: &Ca) -> (Proc, Proc, SocketAddr) {
 }
 
 /// Echoes bytes as they come. The third-party chain is not asked to carry
-/// a half-close: tinyproxy closes both ways on the first FIN (and nghttpx
-/// does not pass END_STREAM on to it as one).
+/// a half-close: tinyproxy closes both ways on the first FIN.
 async fn echo_streaming() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

@@ -394,6 +394,33 @@ impl Checker {
         }
     }
 
+    /// An allow list (forward, serve, intercept): each bad rule named by
+    /// its index. With `required`, an empty list is that problem.
+    fn rules(
+        &mut self,
+        key: String,
+        f: &Field<Vec<String>>,
+        required: Option<&str>,
+    ) -> Option<AllowList> {
+        let empty = Vec::new();
+        let raw = self.get(key.clone(), f).unwrap_or(&empty);
+        match AllowList::parse(raw) {
+            Ok(l) if l.is_empty() && required.is_some() => {
+                if !matches!(f, Field::Wrong { .. }) {
+                    self.fail(key, required.unwrap_or_default());
+                }
+                None
+            }
+            Ok(l) => Some(l),
+            Err(errors) => {
+                for (j, reason) in errors {
+                    self.fail(format!("{key}[{j}]"), reason);
+                }
+                None
+            }
+        }
+    }
+
     fn ips(&mut self, key: &str, f: &Field<Vec<String>>) -> Vec<IpAddr> {
         let empty = Vec::new();
         let raw = self.get(key, f).unwrap_or(&empty);
@@ -1168,15 +1195,13 @@ fn intercept(
             );
         }
     }
-    let raw_dest = c
-        .get(k("destinations"), &t.destinations)
-        .unwrap_or(&empty_s);
-    let destinations = match AllowList::parse(raw_dest) {
-        Ok(l) if l.is_empty() => {
-            c.fail(k("destinations"), "is required: the destinations (IP, CIDR or name, with :port or :*) whose connections are intercepted");
-            None
-        }
-        Ok(l) => match l.kernel_matches() {
+    let destinations = match c.rules(
+        k("destinations"),
+        &t.destinations,
+        Some("is required: the destinations (IP, CIDR or name, with :port or :*) whose connections are intercepted"),
+    ) {
+        None => None,
+        Some(l) => match l.kernel_matches() {
             Err(rule) => {
                 c.fail(
                     k("destinations"),
@@ -1203,12 +1228,6 @@ fn intercept(
             }
             Ok(_) => Some(l),
         },
-        Err(errors) => {
-            for (j, reason) in errors {
-                c.fail(format!("{}[{j}]", k("destinations")), reason);
-            }
-            None
-        }
     };
     let mut opaque_ports = Vec::new();
     for (j, p) in c
@@ -1248,27 +1267,12 @@ fn forward(
     template: Option<&UpstreamConfig>,
 ) -> Option<ForwardConfig> {
     let k = |field: &str| format!("listener[{i}].{field}");
-    let rules = |c: &mut Checker, field: &str, f: &Field<Vec<String>>| {
-        let empty = Vec::new();
-        let raw = c.get(k(field), f).unwrap_or(&empty);
-        match AllowList::parse(raw) {
-            Ok(l) => Some(l),
-            Err(errors) => {
-                for (j, reason) in errors {
-                    c.fail(format!("{}[{j}]", k(field)), reason);
-                }
-                None
-            }
-        }
-    };
-    let allow = rules(c, "allow", &l.allow);
-    if allow.as_ref().is_some_and(AllowList::is_empty) && !matches!(l.allow, Field::Wrong { .. }) {
-        c.fail(
-            k("allow"),
-            "is required for mode = \"forward\" and must list at least one destination (host:port, *.domain:port, CIDR:port; \"*:*\" allows everything)",
-        );
-    }
-    let originate_tls = rules(c, "originate_tls", &l.originate_tls);
+    let allow = c.rules(
+        k("allow"),
+        &l.allow,
+        Some("is required for mode = \"forward\" and must list at least one destination (host:port, *.domain:port, CIDR:port; \"*:*\" allows everything)"),
+    );
+    let originate_tls = c.rules(k("originate_tls"), &l.originate_tls, None);
     let max_origins = c.count(
         k("max_origins"),
         &l.max_origins,
@@ -1300,7 +1304,7 @@ fn forward(
             }
         }
     }
-    let allow = allow.filter(|a| !a.is_empty())?;
+    let allow = allow?;
     Some(ForwardConfig {
         allow,
         originate_tls: originate_tls?,
@@ -1385,23 +1389,11 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
             }
         }
     };
-    let empty = Vec::new();
-    let raw_allow = c.get(k("allow"), &s.allow).unwrap_or(&empty);
-    let allow = match AllowList::parse(raw_allow) {
-        Ok(l) if l.is_empty() => {
-            if !matches!(s.allow, Field::Wrong { .. }) {
-                c.fail(k("allow"), "is required and must list at least one target (host:port, *.domain:port, CIDR:port)");
-            }
-            None
-        }
-        Ok(l) => Some(l),
-        Err(errors) => {
-            for (j, reason) in errors {
-                c.fail(format!("{}[{j}]", k("allow")), reason);
-            }
-            None
-        }
-    };
+    let allow = c.rules(
+        k("allow"),
+        &s.allow,
+        Some("is required and must list at least one target (host:port, *.domain:port, CIDR:port)"),
+    );
     let max_connections = c.count(
         k("max_connections"),
         &s.max_connections,

@@ -85,6 +85,8 @@ pub struct Forward {
 pub struct Route {
     pub upstream: Arc<Upstream>,
     pub guard: OriginGuard,
+    /// `Via` goes on the request and the response (`via = true`).
+    pub via: bool,
 }
 
 fn dialer_for(cfg: &ForwardConfig) -> Arc<Dialer> {
@@ -264,6 +266,7 @@ impl Forward {
         Ok(Route {
             upstream: up,
             guard,
+            via: cfg.via,
         })
     }
 
@@ -346,7 +349,7 @@ impl Forward {
         let cfg = self.config();
         let target = self.admit(&cfg, target::of_request(&parts.uri)?)?;
         let route = self.origin(&cfg, &target).await?;
-        if cfg.via {
+        if route.via {
             parts.headers.append(http::header::VIA, via_value());
         }
         Ok(route)
@@ -402,14 +405,10 @@ impl Forward {
             }
         }
     }
-
-    /// `Via` for responses, when configured.
-    pub fn via(&self) -> Option<HeaderValue> {
-        self.config().via.then(via_value)
-    }
 }
 
-fn via_value() -> HeaderValue {
+/// The `Via` loopmux adds when a forward listener has `via = true`.
+pub fn via_value() -> HeaderValue {
     HeaderValue::from_static("1.1 loopmux")
 }
 

@@ -169,16 +169,17 @@ impl Proxy {
             .access_log
             .load(Ordering::Relaxed)
             .then(|| req.uri().path().to_string());
-        let (up, req, _origin) = match &self.route {
+        let (up, req, _origin, via) = match &self.route {
             Route::Fixed(u) => (
                 u.read().unwrap_or_else(|p| p.into_inner()).clone(),
                 req,
                 None,
+                false,
             ),
             // Boxed: routing state is forward mode's alone; inline it would
             // grow every http-mode request's future.
             Route::Forward(f) => match Box::pin(self.route_forward(f, req, &method)).await {
-                Ok((route, req)) => (route.upstream, req, Some(route.guard)),
+                Ok((route, req)) => (route.upstream, req, Some(route.guard), route.via),
                 Err((resp, label)) => {
                     let status = resp.status().as_u16();
                     if let Some(path) = path {
@@ -201,10 +202,10 @@ impl Proxy {
         };
         let resp = match self.forward(&up, req, &method).await {
             Ok(mut f) => {
-                if let Route::Forward(fw) = &self.route {
-                    if let Some(v) = fw.via() {
-                        f.parts.headers.append(header::VIA, v);
-                    }
+                if via {
+                    f.parts
+                        .headers
+                        .append(header::VIA, crate::forward::via_value());
                 }
                 let status = f.parts.status.as_u16();
                 tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused = f.reused, endpoint = %f.endpoint, local = %f.local, protocol = f.protocol.as_str(), elapsed_us = started.elapsed().as_micros() as u64, "request");

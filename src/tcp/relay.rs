@@ -103,7 +103,7 @@ const COPY_BUF: usize = 16 * 1024;
 
 /// Once one side has sent its FIN, the other direction gets at most this
 /// long without a byte (HAProxy's `timeout client-fin` idea): a peer that
-/// never passes a half-close on (tinyproxy, nghttpx in front of it) would
+/// never passes a half-close on (tinyproxy, behind nghttpx) would
 /// otherwise hold a relay whose client is long gone for `idle_timeout`.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
 

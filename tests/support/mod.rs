@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 pub use loopmux::demo::origin::Origin;
 
+pub mod netns;
 pub mod pki;
 pub mod raw_upstream;
 
@@ -132,4 +133,13 @@ pub async fn echo_after_eof() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A port nothing listens on now (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
