@@ -62,13 +62,15 @@ fn main() {
     )
     .unwrap();
     let lm = Proc(
-        Command::new(env!("CARGO_BIN_EXE_loopmux"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        Command::new(
+            std::env::var_os("LOOPMUX_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_loopmux").into()),
+        )
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     for _ in 0..200 {

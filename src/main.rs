@@ -5,6 +5,23 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, chosen on measurement (`benches/idle_memory.rs`, callgrind):
+/// against glibc's malloc it costs about 3,800 fewer instructions per
+/// proxied request (tokio's cache-aligned task and I/O allocations are
+/// slow `posix_memalign` calls in glibc) and gives freed memory back to
+/// the kernel; mimalloc was as fast but kept every page it had touched.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read at its start. Freed pages go back to the
+/// kernel after about a second, by a background thread, so memory comes
+/// down after a burst of clients even when no new work arrives to trigger
+/// the purge (jemalloc's default waits 10 s, and only on activity).
+/// `MALLOC_CONF`-style overrides still apply through `_RJEM_MALLOC_CONF`.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 /// Exit code for a config that cannot be used (sysexits EX_USAGE... EX_CONFIG is 78;
 /// we follow the house rule: 64).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -188,10 +205,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 /// `threads`: worker threads, 0 for one per core (`process.threads`).
 fn runtime_with(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
-        b.worker_threads(threads);
-    }
+    // One thread: the current-thread scheduler, on the main thread. It
+    // skips the work-stealing machinery (atomics, a parked worker to wake),
+    // about 1,850 fewer instructions per proxied request under callgrind.
+    let mut b = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 0 {
+            b.worker_threads(threads);
+        }
+        b
+    };
     b.enable_all().build().map_err(|e| {
         eprintln!("cannot start the runtime: {e}");
         ExitCode::from(EXIT_FAILURE)

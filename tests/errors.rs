@@ -161,6 +161,52 @@ async fn slow_client_is_cut_after_header_timeout() {
     app.stop(Duration::from_secs(1)).await;
 }
 
+/// A client that connects and says nothing holds no HTTP state (see
+/// `benches/idle_memory.rs`), but is still closed at `header_timeout`;
+/// one whose first byte comes late gets the rest of that time for its
+/// head, not a fresh one. Paused time: the clock only moves when every
+/// task waits, so the instants are exact.
+#[tokio::test(start_paused = true)]
+async fn header_timeout_runs_from_the_connection_not_the_first_byte() {
+    let o = origin().await;
+    let (app, addr) = start(&one_upstream(o.addr, "header_timeout = \"10s\"", "")).await;
+
+    let t0 = tokio::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = Vec::new();
+    silent.read_to_end(&mut out).await.unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "silent client closed after {waited:?}"
+    );
+
+    let t0 = tokio::time::Instant::now();
+    let mut late = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    late.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = late.read_to_end(&mut out).await;
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "a head begun at 6 s was cut after {waited:?}, not at the 10 s header_timeout"
+    );
+
+    // A whole request that comes late, within the time, is served.
+    let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    ok.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = ok.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    app.stop(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn connect_method_is_405() {
     let o = origin().await;

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod error;
+pub mod first;
 pub mod headers;
 pub mod proxy;
 
@@ -68,9 +69,20 @@ pub struct HttpServer {
     proxy: Arc<Proxy>,
     /// A client that takes no response bytes for this long is cut.
     body_timeout: std::time::Duration,
+    /// The whole request head, from the connection's start.
+    header_timeout: std::time::Duration,
 }
 
+/// A client that sends its first byte after this long gets the rest of
+/// `header_timeout` for its head, not a fresh one.
+const FIRST_BYTE_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl HttpServer {
+    /// The listener's hyper settings, for connections that start at once.
+    pub(crate) fn builder(&self) -> &hyper::server::conn::http1::Builder {
+        &self.builder
+    }
+
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
     }
@@ -90,17 +102,35 @@ impl HttpServer {
             builder,
             proxy,
             body_timeout: cfg.body_timeout,
+            header_timeout: cfg.header_timeout,
         }
+    }
+
+    /// The client's first bytes (see [`first`]), within `header_timeout`.
+    pub async fn first_bytes(&self, stream: &TcpStream, drain: &Drain) -> Option<first::First> {
+        first::read(stream, drain, self.header_timeout).await
     }
 
     /// Serves one client connection to its end: after its current
     /// exchange once the drain has begun, at once at its deadline.
-    pub async fn serve(&self, stream: TcpStream, drain: &Drain) {
+    /// `first`: what the client sent first, which hyper reads first.
+    pub async fn serve(&self, stream: TcpStream, first: first::First, drain: &Drain) {
+        // A slow first byte is not a fresh header timeout.
+        let late;
+        let builder = if first.waited >= FIRST_BYTE_SLACK {
+            let mut b = self.builder.clone();
+            b.header_read_timeout(self.header_timeout.saturating_sub(first.waited));
+            late = b;
+            &late
+        } else {
+            &self.builder
+        };
         if let Some(f) = self.proxy.forward_routing() {
             let stats = f.stats.tunnels.clone();
             // Boxed: its state (a connection with upgrades, a tunnel) would
             // otherwise grow every http-mode connection's task too.
-            Box::pin(self.serve_forward(stream, &stats, drain, None)).await;
+            let stream = first::Prefixed::new(first.bytes, stream);
+            Box::pin(self.serve_forward(builder, stream, &stats, drain, None)).await;
             return;
         }
         let proxy = self.proxy.clone();
@@ -113,8 +143,9 @@ impl HttpServer {
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
         });
+        let stream = first::Prefixed::new(first.bytes, stream);
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
-        let conn = self.builder.serve_connection(io, svc);
+        let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
         let done = until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
         if let Some(Err(e)) = done {
@@ -130,7 +161,8 @@ impl HttpServer {
     /// of its requests.
     pub(crate) async fn serve_forward(
         &self,
-        stream: TcpStream,
+        builder: &hyper::server::conn::http1::Builder,
+        stream: first::Prefixed<TcpStream>,
         stats: &crate::metrics::RawStats,
         drain: &Drain,
         original: Option<std::net::SocketAddr>,
@@ -159,7 +191,7 @@ impl HttpServer {
                 }
             });
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
-        let conn = self.builder.serve_connection(io, svc).with_upgrades();
+        let conn = builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         let done = until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
         if let Some(Err(e)) = done {

@@ -147,7 +147,14 @@ impl InterceptServer {
             // that race uncorked.
             let _ = socket2::SockRef::from(&stream).set_tcp_cork(true);
             let stats = f.stats.tunnels.clone();
-            return Box::pin(self.http.serve_forward(stream, &stats, drain, Some(dst))).await;
+            return Box::pin(self.http.serve_forward(
+                self.http.builder(),
+                crate::http::first::Prefixed::new(bytes::Bytes::new(), stream),
+                &stats,
+                drain,
+                Some(dst),
+            ))
+            .await;
         }
         let Some(f) = self.http.proxy().forward_routing() else {
             return;
