@@ -229,6 +229,66 @@ async fn connections_are_reused_not_reopened() {
     app.stop(Duration::from_secs(1)).await;
 }
 
+/// An HTTP/1 upstream connection goes back to the pool when its response
+/// body has ended, whatever framed it (a length, chunks, or no body at
+/// all), and is closed when the client left in the middle of one (it
+/// cannot carry another request then). One upstream connection allowed,
+/// a new client connection per request.
+#[tokio::test]
+async fn upstream_connection_is_reused_after_every_body_shape_and_closed_mid_body() {
+    let o = origin().await;
+    let (app, addr) = start(&one_upstream(o.addr, "", "max_connections = 1")).await;
+    let shapes: [(&str, &[u8], &str); 5] = [
+        ("length", b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "ok\n"),
+        ("head", b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ""),
+        ("chunked", b"GET /bytes/300000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ""),
+        (
+            "upload",
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+            "hello",
+        ),
+        ("again", b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "ok\n"),
+    ];
+    for round in 0..3 {
+        for (name, req, body) in shapes {
+            let out = closed_by_loopmux(addr, req).await;
+            assert!(out.starts_with("HTTP/1.1 200"), "{name}: {out}");
+            assert!(out.ends_with(body), "{name}: {out}");
+            assert_eq!(
+                o.stats.accepted.load(Ordering::Relaxed),
+                1,
+                "round {round}, {name}: the upstream connection was not reused"
+            );
+        }
+    }
+    // A client that reads a little of a long body and leaves.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /bytes/50000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+        .await
+        .unwrap();
+    assert!(n > 0);
+    drop(s);
+    let out = closed_by_loopmux(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        o.stats.accepted.load(Ordering::Relaxed),
+        2,
+        "the connection left mid-body must be closed, and a new one dialed"
+    );
+    app.stop(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn idempotent_request_is_retried_once_on_a_fresh_connection() {
     let o = origin().await;

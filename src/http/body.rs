@@ -339,8 +339,11 @@ pub struct RespStream {
     proxy: Arc<super::proxy::Proxy>,
     record: Option<Box<AccessRecord>>,
     failed: bool,
-    /// The HTTP/2 stream's place in the pool, released when the body ends.
-    _lease: Lease,
+    /// The upstream connection (HTTP/1) or stream's place (HTTP/2),
+    /// released when the body is dropped.
+    lease: Lease,
+    /// The upstream's body was read to its end.
+    ended: bool,
 }
 
 impl RespStream {
@@ -360,7 +363,8 @@ impl RespStream {
             proxy,
             record,
             failed: false,
-            _lease: lease,
+            lease,
+            ended: false,
         }
     }
 
@@ -384,6 +388,7 @@ impl RespStream {
     }
 
     fn finish(&mut self) {
+        self.ended = true;
         if let Some(r) = self.record.take() {
             r.emit(self.bytes, None);
         }
@@ -460,5 +465,8 @@ impl Drop for RespStream {
         if let Some(r) = self.record.take() {
             r.emit(self.bytes, Some("client-gone"));
         }
+        // A body with nothing to read (HEAD, 204, 304) is never polled.
+        let whole = !self.failed && (self.ended || self.inner.is_end_stream());
+        self.lease.release(whole);
     }
 }

@@ -6,7 +6,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// Fields that describe one connection, never forwarded. `Transfer-Encoding`
 /// is framing: hyper re-frames each side itself. `Expect` is answered by
 /// loopmux (hyper sends `100 Continue` when the body is first read).
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_COUNT: usize = 9;
+/// `Connection` first: `strip_hop_by_hop` reads its list.
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -20,9 +22,23 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop fields, including every field named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names present instead of a hashed lookup per
+    // hop-by-hop name: most messages carry at most `Connection`, and nine
+    // removals cost about 1,300 instructions per message (callgrind).
+    let mut present = [false; HOP_COUNT];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
     // Most requests have no Connection header or only "close"/"keep-alive":
     // no allocation on that path.
-    if headers.contains_key(header::CONNECTION) {
+    if present[0] {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -36,7 +52,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
+    for (n, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(n);
     }
 }

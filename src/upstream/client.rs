@@ -176,12 +176,35 @@ pub struct Exchange {
     pub lease: Lease,
 }
 
-/// See [`Exchange::lease`]. Empty for HTTP/1, whose connection goes back
-/// to the pool by itself once hyper has read the body; boxed for HTTP/2,
-/// so that every response body is not made larger by it.
+/// See [`Exchange::lease`]. Boxed, so that every response body is not
+/// made larger by it. An HTTP/1 connection goes back to the pool only
+/// through [`Lease::release`] with a body read to its end: dropped
+/// otherwise, it is in the middle of a response and is closed.
 #[derive(Default)]
 pub struct Lease {
-    _held: Option<Box<(InFlight, Pooled<UpConn>)>>,
+    held: Option<Box<(InFlight, Pooled<UpConn>)>>,
+}
+
+impl Lease {
+    /// The response body is over; `whole`: read to its end. Replaces a
+    /// task per HTTP/1 request that waited for hyper to call the
+    /// connection ready: the next request on it waits for that instead
+    /// (at once, in practice).
+    pub fn release(&mut self, whole: bool) {
+        if let Some(held) = self.held.take() {
+            let (in_flight, conn) = *held;
+            if !whole && conn.protocol() == AppProtocol::Http1 {
+                conn.discard();
+            }
+            drop(in_flight);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.release(false);
+    }
 }
 
 /// RFC 9110 §9.2.2: safe to repeat.
@@ -283,10 +306,26 @@ impl Upstream {
         };
         let in_flight = self.pick().ok_or_else(|| fail(UpstreamError::NoEndpoint))?;
         let ep = in_flight.endpoint().clone();
-        let acquired = match how {
-            Some(Next::Fresh) => ep.pool.checkout_fresh().await,
-            Some(Next::Avoiding(id)) => ep.pool.checkout_avoiding(id).await,
-            _ => ep.pool.checkout().await,
+        let acquired = loop {
+            let acquired = match how {
+                Some(Next::Fresh) => ep.pool.checkout_fresh().await,
+                Some(Next::Avoiding(id)) => ep.pool.checkout_avoiding(id).await,
+                _ => ep.pool.checkout().await,
+            };
+            // An HTTP/1 connection is given back when its last response
+            // body ended, and hyper calls it ready a moment later in its
+            // own task. One that closed instead is dropped before anything
+            // was written to it, and another one taken (each round drops
+            // one, so this ends).
+            match acquired {
+                Ok(Acquired::Reused(mut c)) if c.protocol() == AppProtocol::Http1 => {
+                    if c.ready().await {
+                        break Ok(Acquired::Reused(c));
+                    }
+                    c.discard();
+                }
+                other => break other,
+            }
         };
         let mut conn = match acquired.map_err(|source| {
             fail(UpstreamError::Pool {
@@ -370,22 +409,10 @@ impl Upstream {
                 }))
             }
             Ok(Ok(response)) => {
-                let lease = match protocol {
-                    AppProtocol::Http1 => {
-                        // The connection is busy until hyper has read the
-                        // whole response body; it goes back to the pool
-                        // when ready.
-                        tokio::spawn(async move {
-                            let _in_flight = in_flight;
-                            if !conn.ready().await {
-                                conn.discard();
-                            }
-                        });
-                        Lease::default()
-                    }
-                    AppProtocol::Http2 => Lease {
-                        _held: Some(Box::new((in_flight, conn))),
-                    },
+                // HTTP/1: the connection is busy until hyper has read the
+                // whole response body. HTTP/2: the stream holds a place.
+                let lease = Lease {
+                    held: Some(Box::new((in_flight, conn))),
                 };
                 Ok(Exchange {
                     response,
