@@ -289,6 +289,90 @@ async fn upstream_connection_is_reused_after_every_body_shape_and_closed_mid_bod
     app.stop(Duration::from_secs(1)).await;
 }
 
+/// An upstream that answers a streaming upload before reading it (an
+/// early 200, 401 or 413 does that) leaves the connection busy until the
+/// upload has been sent: it must stay out of the pool until hyper calls it
+/// ready, so the next request takes another connection instead of waiting
+/// behind a client that trickles its upload.
+#[tokio::test]
+async fn an_early_answer_to_a_streaming_upload_keeps_its_connection_out_of_the_pool() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            seen.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    };
+                    let post = buf.starts_with(b"POST");
+                    buf.drain(..end);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if post {
+                        // Answered; now only reads what comes, as long as it comes.
+                        while matches!(s.read(&mut tmp).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (app, addr) = start(&one_upstream(
+        up,
+        "request_buffer_bytes = 0",
+        "max_connections = 4\nqueue_timeout = \"1s\"",
+    ))
+    .await;
+    // A warm connection in the pool first.
+    let out = closed_by_loopmux(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // The upload: answered at once, then trickled and never finished.
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    a.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
+        .await
+        .unwrap();
+    let mut head = [0u8; 64];
+    let n = a.read(&mut head).await.unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    a.write_all(b"more").await.unwrap();
+    // The next request is answered (on another connection), not held
+    // until the upload ends.
+    let out = closed_by_loopmux(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(accepted.load(Ordering::Relaxed) <= 4);
+    drop(a);
+    app.stop(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn idempotent_request_is_retried_once_on_a_fresh_connection() {
     let o = origin().await;

@@ -78,11 +78,6 @@ pub struct HttpServer {
 const FIRST_BYTE_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl HttpServer {
-    /// The listener's hyper settings, for connections that start at once.
-    pub(crate) fn builder(&self) -> &hyper::server::conn::http1::Builder {
-        &self.builder
-    }
-
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
     }
@@ -116,38 +111,42 @@ impl HttpServer {
     /// `first`: what the client sent first, which hyper reads first.
     pub async fn serve(&self, stream: TcpStream, first: first::First, drain: &Drain) {
         // A slow first byte is not a fresh header timeout.
-        let late;
-        let builder = if first.waited >= FIRST_BYTE_SLACK {
-            let mut b = self.builder.clone();
-            b.header_read_timeout(self.header_timeout.saturating_sub(first.waited));
-            late = b;
-            &late
-        } else {
-            &self.builder
-        };
+        let late = (first.waited >= FIRST_BYTE_SLACK).then(|| FirstHead {
+            at: tokio::time::Instant::now() + self.header_timeout.saturating_sub(first.waited),
+            seen: Arc::default(),
+        });
         if let Some(f) = self.proxy.forward_routing() {
             let stats = f.stats.tunnels.clone();
             // Boxed: its state (a connection with upgrades, a tunnel) would
             // otherwise grow every http-mode connection's task too.
             let stream = first::Prefixed::new(first.bytes, stream);
-            Box::pin(self.serve_forward(builder, stream, &stats, drain, None)).await;
+            Box::pin(self.serve_forward(stream, late, &stats, drain, None)).await;
             return;
         }
         let proxy = self.proxy.clone();
+        let seen = late.as_ref().map(|l| l.seen.clone());
         // hyper's own `service_fn`, no tower stack: a tower layer for the
         // response metrics (ServiceBuilder, and an adapter to hyper) moved
         // the request's few-KiB future into wrappers of its own and cost
         // about 1,100 instructions per request under callgrind (2 %);
         // `Proxy::handle` records the metrics itself.
         let svc = hyper::service::service_fn(move |req| {
+            if let Some(s) = &seen {
+                s.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
         });
         let stream = first::Prefixed::new(first.bytes, stream);
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
-        let conn = builder.serve_connection(io, svc);
+        let conn = self.builder.serve_connection(io, svc);
         tokio::pin!(conn);
-        let done = until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
+        let done = within_first_head(
+            until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()),
+            late,
+        )
+        .await
+        .flatten();
         if let Some(Err(e)) = done {
             self.proxy.connection_error(&e);
         }
@@ -161,8 +160,8 @@ impl HttpServer {
     /// of its requests.
     pub(crate) async fn serve_forward(
         &self,
-        builder: &hyper::server::conn::http1::Builder,
         stream: first::Prefixed<TcpStream>,
+        late: Option<FirstHead>,
         stats: &crate::metrics::RawStats,
         drain: &Drain,
         original: Option<std::net::SocketAddr>,
@@ -171,8 +170,12 @@ impl HttpServer {
         let tunnel: Arc<std::sync::Mutex<Option<crate::forward::tunnel::PendingTunnel>>> =
             Arc::default();
         let slot = tunnel.clone();
+        let seen = late.as_ref().map(|l| l.seen.clone());
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                if let Some(s) = &seen {
+                    s.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 let proxy = proxy.clone();
                 let slot = slot.clone();
                 if let Some(dst) = original {
@@ -191,9 +194,14 @@ impl HttpServer {
                 }
             });
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
-        let conn = builder.serve_connection(io, svc).with_upgrades();
+        let conn = self.builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
-        let done = until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await;
+        let done = within_first_head(
+            until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()),
+            late,
+        )
+        .await
+        .flatten();
         if let Some(Err(e)) = done {
             self.proxy.connection_error(&e);
         }
@@ -201,6 +209,38 @@ impl HttpServer {
         if let Some(t) = pending {
             crate::forward::tunnel::run(t, drain.deadline.clone(), stats).await;
         }
+    }
+}
+
+/// The first request head's deadline for a client whose first byte came
+/// late. hyper's own header timer restarts for every head, keep-alive idle
+/// included, so it keeps the whole `header_timeout`, and this covers the
+/// first head only.
+pub(crate) struct FirstHead {
+    at: tokio::time::Instant,
+    /// Set when hyper hands the service a request (its head is complete).
+    seen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Runs `conn` to its end, unless `late` is set and no request head has
+/// come by its deadline: the connection then closes (`None`).
+async fn within_first_head<F: std::future::Future>(
+    conn: F,
+    late: Option<FirstHead>,
+) -> Option<F::Output> {
+    let Some(late) = late else {
+        return Some(conn.await);
+    };
+    tokio::pin!(conn);
+    tokio::select! {
+        biased;
+        r = &mut conn => return Some(r),
+        _ = tokio::time::sleep_until(late.at) => {}
+    }
+    if late.seen.load(std::sync::atomic::Ordering::Relaxed) {
+        Some(conn.await)
+    } else {
+        None
     }
 }
 

@@ -148,8 +148,8 @@ impl InterceptServer {
             let _ = socket2::SockRef::from(&stream).set_tcp_cork(true);
             let stats = f.stats.tunnels.clone();
             return Box::pin(self.http.serve_forward(
-                self.http.builder(),
                 crate::http::first::Prefixed::new(bytes::Bytes::new(), stream),
+                None,
                 &stats,
                 drain,
                 Some(dst),

@@ -186,18 +186,34 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The response body is over; `whole`: read to its end. Replaces a
-    /// task per HTTP/1 request that waited for hyper to call the
-    /// connection ready: the next request on it waits for that instead
-    /// (at once, in practice).
+    /// The response body is over; `whole`: read to its end. An HTTP/1
+    /// connection that hyper already calls ready (it has sent the whole
+    /// request and read the whole response: nearly always by now) goes
+    /// straight back to the pool. One that is not yet, say an upload still
+    /// being sent after an early response, stays out of the pool, in its
+    /// place under the cap, until it is ready or fails, as every request
+    /// once did in a task of its own.
     pub fn release(&mut self, whole: bool) {
-        if let Some(held) = self.held.take() {
-            let (in_flight, conn) = *held;
-            if !whole && conn.protocol() == AppProtocol::Http1 {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let (in_flight, mut conn) = *held;
+        if conn.protocol() != AppProtocol::Http1 || (whole && conn.is_ready()) {
+            return;
+        }
+        // Outside a runtime (a task dropped as the runtime shuts down) there
+        // is nothing to wait in.
+        let rt = tokio::runtime::Handle::try_current();
+        let Some(rt) = rt.ok().filter(|_| whole) else {
+            conn.discard();
+            return;
+        };
+        rt.spawn(async move {
+            let _in_flight = in_flight;
+            if !conn.ready().await {
                 conn.discard();
             }
-            drop(in_flight);
-        }
+        });
     }
 }
 
@@ -312,11 +328,11 @@ impl Upstream {
                 Some(Next::Avoiding(id)) => ep.pool.checkout_avoiding(id).await,
                 _ => ep.pool.checkout().await,
             };
-            // An HTTP/1 connection is given back when its last response
-            // body ended, and hyper calls it ready a moment later in its
-            // own task. One that closed instead is dropped before anything
-            // was written to it, and another one taken (each round drops
-            // one, so this ends).
+            // An HTTP/1 connection is given back only once hyper called it
+            // ready (see `Lease::release`), so this resolves at once; one
+            // that closed since is dropped before anything was written to
+            // it, and another one taken (each round drops one, so this
+            // ends).
             match acquired {
                 Ok(Acquired::Reused(mut c)) if c.protocol() == AppProtocol::Http1 => {
                     if c.ready().await {

@@ -104,6 +104,16 @@ impl UpConn {
         }
     }
 
+    /// HTTP/1: whether the connection can take the next request now (it
+    /// has sent the whole request and read the whole response). HTTP/2:
+    /// always.
+    pub fn is_ready(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(..) => true,
+        }
+    }
+
     /// HTTP/1: resolves when the connection can take the next request
     /// (hyper has read the whole response body), or fails when it cannot.
     pub async fn ready(&mut self) -> bool {
