@@ -9,7 +9,7 @@
 #   nginx1    worker_processes 1  nginx2    worker_processes 2
 #
 # Three upstream kinds, each its own table:
-#   h1   plain HTTP/1.1 (http-reuse always / keepalive 8 / max_connections 8)
+#   h1   plain HTTP/1.1 (http-reuse always / keepalive 32 / max_connections 8)
 #   h2   HTTP/2 without TLS (prior knowledge) to an h2c origin: loopmux and
 #        HAProxy (nginx cannot speak HTTP/2 upstream)
 #   tls  HTTP/1.1 over TLS 1.3, certificate verified against a CA made for
@@ -140,6 +140,10 @@ CONF
     PORT[$name]=$port; PID[$name]=$!; KIND[$name]=$kind
 }
 
+# nginx keeps up to 32 idle origin connections per worker, more than the
+# 16 concurrent clients: with fewer (8, the others' cap) it closed and
+# reopened an origin connection for most requests, its worst case, not its
+# best. nginx has no cap on open upstream connections either way.
 NAMES=()
 for kind in $KINDS; do
     case $kind in
@@ -155,7 +159,7 @@ max_connections = 8'
         fi
         haproxy_ haproxy1 h1 19204 1 "server origin 127.0.0.1:19100 maxconn 8"
         haproxy_ haproxy2 h1 19201 2 "server origin 127.0.0.1:19100 maxconn 8"
-        ups='upstream origin { server 127.0.0.1:19100; keepalive 8; keepalive_requests 10000000; }'
+        ups='upstream origin { server 127.0.0.1:19100; keepalive 32; keepalive_requests 10000000; }'
         nginx_ nginx1 h1 19205 1 "$ups" "proxy_pass http://origin;"
         nginx_ nginx2 h1 19202 2 "$ups" "proxy_pass http://origin;"
         NAMES+=(haproxy1 haproxy2 nginx1 nginx2)
@@ -180,7 +184,7 @@ tls = { server_name = \"localhost\", ca_file = \"$WORK/ca.pem\" }"
         srv="server origin 127.0.0.1:19120 maxconn 8 ssl verify required ca-file $WORK/ca.pem sni str(localhost) verifyhost localhost"
         haproxy_ haproxy1-tls tls 19221 1 "$srv"
         haproxy_ haproxy2-tls tls 19222 2 "$srv"
-        ups='upstream origin_tls { server 127.0.0.1:19120; keepalive 8; keepalive_requests 10000000; }'
+        ups='upstream origin_tls { server 127.0.0.1:19120; keepalive 32; keepalive_requests 10000000; }'
         loc="proxy_pass https://origin_tls; proxy_ssl_verify on; proxy_ssl_trusted_certificate $WORK/ca.pem; proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.3;"
         nginx_ nginx1-tls tls 19223 1 "$ups" "$loc"
         nginx_ nginx2-tls tls 19224 2 "$ups" "$loc"

@@ -11,7 +11,7 @@
 
 mod support;
 
-use support::netns::{in_netns, may_run, runtime, KillOnDrop, Ns};
+use support::netns::{in_netns, may_run, nft_tables, runtime, KillOnDrop, Ns};
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -202,15 +202,6 @@ async fn scenario() {
         !nft_tables().contains("inet loopmux"),
         "a clean stop leaves no loopmux table"
     );
-}
-
-/// `nft list tables` in the current namespace.
-fn nft_tables() -> String {
-    let out = Command::new("nft")
-        .args(["list", "tables"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Fail open: after SIGKILL the kernel's set elements expire and the app

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use loopmux::demo::load::{self, Closer, LoadSpec};
 use loopmux::diagnose::{count_toward, read_sockets, TIME_WAIT};
-use support::netns::{in_netns, runtime, KillOnDrop};
+use support::netns::{in_netns, nft_tables, runtime, KillOnDrop};
 
 const CLIENT_IPS: [&str; 2] = ["198.18.0.11", "198.18.0.12"];
 const SERVER_IP: &str = "198.18.0.2";
@@ -574,14 +574,6 @@ async fn bash_client(to: SocketAddr, n: usize, http: bool) -> (usize, usize) {
         .split_whitespace()
         .map(|v| v.parse::<usize>().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(n))
-}
-
-fn nft_tables() -> String {
-    let out = Command::new("nft")
-        .args(["list", "tables"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn intercept_phase(

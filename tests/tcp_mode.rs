@@ -122,8 +122,7 @@ async fn connect_failures_close_or_reset_the_client_and_failover_works() {
     let (_guard, refusing) = refusing_addr();
     // Close: the client reads a clean EOF.
     let (app, p) = start(&config(&format!("\"{refusing}\""), "", "")).await;
-    let mut s = TcpStream::connect(p).await.unwrap();
-    assert_eq!(read_all(&mut s).await.unwrap(), b"");
+    assert_eq!(connect_and_read_to_end(p, WAIT).await.unwrap(), b"");
     assert_eq!(
         metric(
             app.admin_addr.unwrap(),
@@ -140,12 +139,7 @@ async fn connect_failures_close_or_reset_the_client_and_failover_works() {
         "",
     ))
     .await;
-    // The reset can come before the client has seen its connect finish
-    // (a loaded machine): the connect then reports it.
-    let e = match TcpStream::connect(p2).await {
-        Err(e) => e,
-        Ok(mut s) => read_all(&mut s).await.unwrap_err(),
-    };
+    let e = connect_and_read_to_end(p2, WAIT).await.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     // Failover: a refusing endpoint, then a good one.
     let echo = echo_after_eof().await;

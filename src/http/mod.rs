@@ -124,16 +124,14 @@ impl HttpServer {
             return;
         }
         let proxy = self.proxy.clone();
-        let seen = late.as_ref().map(|l| l.seen.clone());
+        let seen = FirstHead::marker(&late);
         // hyper's own `service_fn`, no tower stack: a tower layer for the
         // response metrics (ServiceBuilder, and an adapter to hyper) moved
         // the request's few-KiB future into wrappers of its own and cost
         // about 1,100 instructions per request under callgrind (2 %);
         // `Proxy::handle` records the metrics itself.
         let svc = hyper::service::service_fn(move |req| {
-            if let Some(s) = &seen {
-                s.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+            FirstHead::mark(&seen);
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
         });
@@ -170,12 +168,10 @@ impl HttpServer {
         let tunnel: Arc<std::sync::Mutex<Option<crate::forward::tunnel::PendingTunnel>>> =
             Arc::default();
         let slot = tunnel.clone();
-        let seen = late.as_ref().map(|l| l.seen.clone());
+        let seen = FirstHead::marker(&late);
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                if let Some(s) = &seen {
-                    s.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+                FirstHead::mark(&seen);
                 let proxy = proxy.clone();
                 let slot = slot.clone();
                 if let Some(dst) = original {
@@ -220,6 +216,21 @@ pub(crate) struct FirstHead {
     at: tokio::time::Instant,
     /// Set when hyper hands the service a request (its head is complete).
     seen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FirstHead {
+    /// What a connection's service keeps to say that a head arrived.
+    fn marker(late: &Option<FirstHead>) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        late.as_ref().map(|l| l.seen.clone())
+    }
+
+    /// Called by the service with each request (nothing for a client that
+    /// was not late).
+    fn mark(marker: &Option<Arc<std::sync::atomic::AtomicBool>>) {
+        if let Some(s) = marker {
+            s.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Runs `conn` to its end, unless `late` is set and no request head has

@@ -143,3 +143,16 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Connects and reads until the end of stream, within `wait` (panics
+/// after). A reset can come before the client has seen its connect finish
+/// (a loaded machine): the connect then reports it, and it is returned as
+/// the read's error would be.
+pub async fn connect_and_read_to_end(addr: SocketAddr, wait: Duration) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(wait, s.read_to_end(&mut out))
+        .await
+        .expect("the client connection was left open")
+        .map(|_| out)
+}

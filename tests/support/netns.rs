@@ -109,3 +109,12 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// `nft list tables` in the current namespace.
+pub fn nft_tables() -> String {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
