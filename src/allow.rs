@@ -20,6 +20,13 @@
 //!    is never satisfied by an IP literal, even one the name resolves to:
 //!    allowing `api.example.com` does not allow its address.
 //! 3. nothing matched: denied.
+//!
+//! `0.0.0.0/8` and `::` are this host: a `connect()` to them reaches a
+//! local listener (127.0.0.1, `::1`, or the bound source address). Deny
+//! rules on loopback cover them, and only an allow rule that names them by
+//! address (a range inside `0.0.0.0/8`, or `[::]`) lets them through: `*`
+//! and wide ranges such as `0.0.0.0/0` do not, whether the address is
+//! asked for or a name resolves to it.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -82,24 +89,41 @@ impl fmt::Display for Host {
 /// Why a destination may not be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    /// A deny rule matched the destination (or an address it resolves to).
-    Rule { rule: String, addr: Option<IpAddr> },
+    /// A deny rule matched the destination (or an address it resolves to);
+    /// `this_host` when it matched an unspecified address as loopback.
+    Rule {
+        rule: String,
+        addr: Option<IpAddr>,
+        this_host: bool,
+    },
     /// No allow rule matched; `near` is a rule for the same host on other
     /// ports, the likeliest intent.
     NoRule {
         near: Option<String>,
         ip_literal: bool,
     },
+    /// An unspecified address (this host) that no rule names by address;
+    /// `resolved` when a name resolved to it.
+    ThisHost { addr: IpAddr, resolved: bool },
 }
 
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Denial::Rule { rule, addr: None } => write!(f, "denied by rule `{rule}`"),
             Denial::Rule {
                 rule,
-                addr: Some(a),
-            } => write!(f, "resolves to {a}, denied by rule `{rule}`"),
+                addr,
+                this_host,
+            } => {
+                if let Some(a) = addr {
+                    write!(f, "resolves to {a}, ")?;
+                }
+                write!(f, "denied by rule `{rule}`")?;
+                if *this_host {
+                    f.write_str(" (an unspecified address connects to this host)")?;
+                }
+                Ok(())
+            }
             Denial::NoRule {
                 near: Some(r),
                 ip_literal: _,
@@ -111,6 +135,14 @@ impl fmt::Display for Denial {
                 "no allow rule matches (an IP address is allowed only by an address or range rule, never by a name rule)",
             ),
             Denial::NoRule { near: None, .. } => f.write_str("no allow rule matches"),
+            Denial::ThisHost { addr, resolved } => {
+                if *resolved {
+                    write!(f, "resolves to {addr}, which ")?;
+                } else {
+                    write!(f, "{addr} ")?;
+                }
+                f.write_str("connects to this host (as loopback does); only a rule that names it by address allows it (`0.0.0.0:PORT`, `[::]:PORT`), never `*` or a wider range")
+            }
         }
     }
 }
@@ -124,6 +156,33 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
             None => IpAddr::V6(v6),
         },
         v4 => v4,
+    }
+}
+
+/// Whether a connect to `ip` reaches this host whatever it looks like:
+/// `0.0.0.0/8` and `::` (the kernel connects them to loopback, or to the
+/// bound source address).
+pub fn is_this_host(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(a) => a.octets()[0] == 0,
+        IpAddr::V6(a) => a.is_unspecified(),
+    }
+}
+
+/// The loopback address an unspecified one stands for, for deny rules.
+fn loopback_of(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
+/// Whether a range names this host's unspecified addresses by address: it
+/// lies inside `0.0.0.0/8`, or is `::` itself.
+fn names_this_host(base: IpAddr, prefix: u8) -> bool {
+    match base {
+        IpAddr::V4(b) => prefix >= 8 && b.octets()[0] == 0,
+        IpAddr::V6(b) => prefix == 128 && b.is_unspecified(),
     }
 }
 
@@ -146,16 +205,32 @@ impl Rule {
         (self.ports.lo..=self.ports.hi).contains(&port)
     }
 
-    /// Whether the host part matches what the client asked for.
+    /// Whether the host part matches what the client asked for. An
+    /// unspecified address is this host: a deny rule on loopback covers
+    /// it, and an allow rule must name it by address.
     fn host_matches(&self, host: &Host) -> bool {
         match (&self.host, host) {
+            (HostPattern::Any, Host::Ip(ip)) => self.deny || !is_this_host(*ip),
             (HostPattern::Any, _) => true,
             (HostPattern::Name(n), Host::Name(h)) => n == h,
             (HostPattern::Below(suffix), Host::Name(h)) => {
                 h.len() > suffix.len() && h.ends_with(suffix.as_str())
             }
-            (HostPattern::Net { base, prefix }, Host::Ip(ip)) => in_net(*ip, *base, *prefix),
+            (HostPattern::Net { base, prefix }, Host::Ip(ip)) => {
+                self.net_matches(*ip, *base, *prefix)
+            }
             _ => false,
+        }
+    }
+
+    fn net_matches(&self, ip: IpAddr, base: IpAddr, prefix: u8) -> bool {
+        if !is_this_host(ip) {
+            return in_net(ip, base, prefix);
+        }
+        if self.deny {
+            in_net(ip, base, prefix) || in_net(loopback_of(ip), base, prefix)
+        } else {
+            names_this_host(base, prefix) && in_net(ip, base, prefix)
         }
     }
 }
@@ -220,6 +295,7 @@ impl AllowList {
                 return Err(Denial::Rule {
                     rule: r.text.clone(),
                     addr: None,
+                    this_host: matches!(host, Host::Ip(ip) if is_this_host(*ip)),
                 });
             }
         }
@@ -229,6 +305,14 @@ impl AllowList {
             .any(|r| !r.deny && r.port_ok(port) && r.host_matches(host))
         {
             return Ok(());
+        }
+        if let Host::Ip(ip) = host {
+            if is_this_host(*ip) {
+                return Err(Denial::ThisHost {
+                    addr: canonical(*ip),
+                    resolved: false,
+                });
+            }
         }
         Err(Denial::NoRule {
             near: self
@@ -240,11 +324,14 @@ impl AllowList {
         })
     }
 
-    /// The decision for one address a name resolved to: only the deny rules
-    /// on addresses apply (the name itself was allowed by [`check`]).
+    /// The decision for one address a name resolved to: the deny rules on
+    /// addresses apply (the name itself was allowed by [`check`]), and an
+    /// unspecified address (this host) also needs an allow rule that names
+    /// it by address.
     ///
     /// # Errors
-    /// The deny rule that matched, with the address.
+    /// The deny rule that matched, with the address; or
+    /// [`Denial::ThisHost`].
     ///
     /// [`check`]: Self::check
     pub fn check_resolved(&self, ip: IpAddr, port: u16) -> Result<(), Denial> {
@@ -252,13 +339,27 @@ impl AllowList {
         for r in self.rules.iter().filter(|r| r.deny) {
             let hit = match r.host {
                 HostPattern::Any => true,
-                HostPattern::Net { base, prefix } => in_net(ip, base, prefix),
+                HostPattern::Net { base, prefix } => r.net_matches(ip, base, prefix),
                 _ => false,
             };
             if hit && r.port_ok(port) {
                 return Err(Denial::Rule {
                     rule: r.text.clone(),
                     addr: Some(ip),
+                    this_host: is_this_host(ip),
+                });
+            }
+        }
+        if is_this_host(ip) {
+            let named = self.rules.iter().any(|r| {
+                !r.deny
+                    && r.port_ok(port)
+                    && matches!(r.host, HostPattern::Net { base, prefix } if r.net_matches(ip, base, prefix))
+            });
+            if !named {
+                return Err(Denial::ThisHost {
+                    addr: ip,
+                    resolved: true,
                 });
             }
         }
@@ -528,6 +629,60 @@ mod tests {
             .check_resolved("::ffff:127.0.0.1".parse().unwrap(), 80)
             .is_err());
         assert!(l.check_resolved("10.0.0.1".parse().unwrap(), 80).is_ok());
+    }
+
+    /// `0.0.0.0/8` and `::` connect to this host: `*` and wide ranges do
+    /// not allow them, loopback deny rules deny them, and only a rule that
+    /// names them by address lets them through (asked for or resolved).
+    #[test]
+    fn unspecified_addresses_are_this_host() {
+        let open = list(&["!127.0.0.0/8:*", "![::1]:*", "*:*"]);
+        let wide = list(&["0.0.0.0/0:*", "[::/0]:*"]);
+        let named = list(&["0.0.0.0:80", "[::]:80"]);
+        let named_but_loopback_denied = list(&["!127.0.0.0/8:*", "0.0.0.0/8:*"]);
+        let table: &[(&AllowList, &str, u16, bool)] = &[
+            (&open, "0.0.0.0", 80, false),
+            (&open, "0.1.2.3", 80, false),
+            (&open, "[::]", 80, false),
+            (&open, "[::ffff:0.0.0.0]", 80, false),
+            (&open, "198.18.0.2", 80, true),
+            (&wide, "0.0.0.0", 80, false),
+            (&wide, "[::]", 80, false),
+            (&wide, "198.18.0.2", 80, true),
+            (&named, "0.0.0.0", 80, true),
+            (&named, "[::]", 80, true),
+            (&named, "0.0.0.0", 81, false),
+            (&named_but_loopback_denied, "0.0.0.0", 80, false),
+        ];
+        for (l, h, port, ok) in table {
+            assert_eq!(
+                l.check(&host(h), *port).is_ok(),
+                *ok,
+                "{h}:{port} under {l:?}"
+            );
+            let ip = match host(h) {
+                Host::Ip(ip) => ip,
+                Host::Name(_) => unreachable!(),
+            };
+            assert_eq!(
+                l.check_resolved(ip, *port).is_ok(),
+                *ok,
+                "resolved {h}:{port} under {l:?}"
+            );
+        }
+        let e = open.check(&host("0.0.0.0"), 80).unwrap_err();
+        assert!(e.to_string().contains("connects to this host"), "{e}");
+        let e = list(&["*:*"]).check(&host("0.0.0.0"), 80).unwrap_err();
+        assert!(matches!(e, Denial::ThisHost { .. }), "{e}");
+        let e = wide.check_resolved("::".parse().unwrap(), 80).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("resolves to ::, which connects to this host"),
+            "{e}"
+        );
+        assert!(is_this_host("0.255.0.1".parse().unwrap()));
+        assert!(!is_this_host("127.0.0.1".parse().unwrap()));
+        assert!(!is_this_host("::1".parse().unwrap()));
     }
 
     #[test]

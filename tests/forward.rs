@@ -737,3 +737,222 @@ async fn a_tunnel_ends_when_either_peer_vanishes() {
         "the origin's side stayed open after the client vanished"
     );
 }
+
+/// `0.0.0.0/8` and `::` connect to this host: under the shipped
+/// config/forward.toml's rules (loopback denied, everything else allowed)
+/// every form of them is refused, a request to the proxy's own port through
+/// them is a loop, and the services on loopback never see a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unspecified_addresses_are_this_host_for_the_allow_list_and_the_loop_guard() {
+    let v4 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let v6 = TcpListener::bind("[::1]:0").await.ok();
+    let (_app, p, admin) = proxy("allow = [\"!127.0.0.0/8:*\", \"![::1]:*\", \"*:*\"]", "").await;
+    let port = v4.local_addr().unwrap().port();
+    let own = p.port();
+    let get = |target: String| format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let connect = |target: String| format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let mut cases = vec![
+        (
+            "0.0.0.0",
+            get(format!("http://0.0.0.0:{port}/")),
+            403,
+            "denied",
+        ),
+        (
+            "0.x.y.z",
+            get(format!("http://0.1.2.3:{port}/")),
+            403,
+            "denied",
+        ),
+        (
+            "mapped",
+            get(format!("http://[::ffff:0.0.0.0]:{port}/")),
+            403,
+            "denied",
+        ),
+        (
+            "CONNECT 0.0.0.0",
+            connect(format!("0.0.0.0:{port}")),
+            403,
+            "denied",
+        ),
+        (
+            "own port via 0.0.0.0",
+            get(format!("http://0.0.0.0:{own}/")),
+            508,
+            "loop",
+        ),
+        (
+            "CONNECT own port via 0.0.0.0",
+            connect(format!("0.0.0.0:{own}")),
+            508,
+            "loop",
+        ),
+        (
+            "own port via [::]",
+            get(format!("http://[::]:{own}/")),
+            508,
+            "loop",
+        ),
+    ];
+    if let Some(l) = &v6 {
+        let p6 = l.local_addr().unwrap().port();
+        cases.push(("[::]", get(format!("http://[::]:{p6}/")), 403, "denied"));
+        cases.push(("CONNECT [::]", connect(format!("[::]:{p6}")), 403, "denied"));
+    } else {
+        eprintln!("SKIPPED the [::] service cases: ::1 cannot be bound here");
+    }
+    for (name, request, status, kind) in &cases {
+        let seen = exchange(p, request.as_bytes(), WAIT).await;
+        let body = String::from_utf8_lossy(&seen.body).into_owned();
+        assert_eq!(seen.status, *status, "{name}: {}{body}", seen.head);
+        assert_eq!(
+            seen.header("x-loopmux-error").as_deref(),
+            Some(*kind),
+            "{name}"
+        );
+        if *kind == "denied" {
+            assert!(body.contains("connects to this host"), "{name}: {body}");
+            assert!(
+                body.contains("!127.0.0.0/8:*") || body.contains("![::1]:*"),
+                "{name}: {body}"
+            );
+        }
+    }
+    assert!(
+        never(&v4).await,
+        "a refused request reached the loopback service"
+    );
+    if let Some(l) = &v6 {
+        assert!(
+            never(l).await,
+            "a refused request reached the [::1] service"
+        );
+    }
+    let loops = metric(
+        admin,
+        "loopmux_forward_refused_total",
+        &[("listener", "fwd"), ("reason", "loop")],
+    )
+    .await;
+    assert_eq!(loops, 3.0);
+}
+
+/// Whether `l` sees no connection within 300 ms.
+async fn never(l: &TcpListener) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), l.accept())
+        .await
+        .is_err()
+}
+
+/// A name that resolves to `0.0.0.0` (an /etc/hosts entry, in a network
+/// namespace of the test's own: `ip netns exec` mounts
+/// /etc/netns/NAME/hosts over /etc/hosts for the loopmux it starts) is
+/// refused as the address itself is, for requests and CONNECT.
+#[test]
+fn a_name_resolving_to_this_host_is_refused() {
+    use support::netns::{in_netns, may_run, runtime, KillOnDrop, Ns};
+    if !may_run(
+        "a_name_resolving_to_this_host_is_refused",
+        &[("ip", "iproute2")],
+    ) {
+        return;
+    }
+    let ns = Ns::new(format!("lmx-fwd0-{}", std::process::id()));
+    ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+    let etc = format!("/etc/netns/{}", ns.0);
+    std::fs::create_dir_all(&etc).unwrap();
+    struct Rm(String);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _etc = Rm(etc.clone());
+    std::fs::write(
+        format!("{etc}/hosts"),
+        "127.0.0.1 localhost\n0.0.0.0 zero.test\n:: zero6.test\n",
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("lmx-fwd0-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = Rm(dir.display().to_string());
+    let config = dir.join("loopmux.toml");
+    let proxy_port = support::free_port();
+    std::fs::write(
+        &config,
+        format!("[[listener]]\nname = \"fwd\"\nbind = \"127.0.0.1:{proxy_port}\"\nmode = \"forward\"\nallow = [\"!127.0.0.0/8:*\", \"![::1]:*\", \"*:*\"]\n"),
+    )
+    .unwrap();
+    let ns_name = ns.0.clone();
+    let result = in_netns(&ns.0, move || {
+        runtime().block_on(async move {
+            let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = service.local_addr().unwrap().port();
+            let _lm = KillOnDrop(
+                std::process::Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &ns_name,
+                        env!("CARGO_BIN_EXE_loopmux"),
+                        "run",
+                        "--config",
+                    ])
+                    .arg(&config)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            let p: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+            for _ in 0..200 {
+                if TcpStream::connect(p).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let requests = [
+                format!("GET http://zero.test:{port}/ HTTP/1.1\r\nHost: zero.test\r\n\r\n"),
+                format!("CONNECT zero.test:{port} HTTP/1.1\r\nHost: zero.test\r\n\r\n"),
+                format!("GET http://zero6.test:{port}/ HTTP/1.1\r\nHost: zero6.test\r\n\r\n"),
+            ];
+            let mut seen = Vec::new();
+            for r in &requests {
+                let s = exchange(p, r.as_bytes(), WAIT).await;
+                seen.push((
+                    s.status,
+                    s.header("x-loopmux-error"),
+                    String::from_utf8_lossy(&s.body).into_owned(),
+                ));
+            }
+            let loop_seen = exchange(
+                p,
+                format!("GET http://zero.test:{proxy_port}/ HTTP/1.1\r\nHost: zero.test\r\n\r\n")
+                    .as_bytes(),
+                WAIT,
+            )
+            .await;
+            let reached = tokio::time::timeout(Duration::from_millis(300), service.accept())
+                .await
+                .is_ok();
+            (seen, loop_seen.status, reached)
+        })
+    })
+    .join();
+    drop(ns);
+    let (seen, loop_status, reached) = result.expect("the namespace scenario panicked");
+    for (i, (status, kind, body)) in seen.iter().enumerate() {
+        assert_eq!(*status, 403, "request {i}: {body}");
+        assert_eq!(kind.as_deref(), Some("denied"), "request {i}: {body}");
+        assert!(
+            body.contains("resolves to") && body.contains("connects to this host"),
+            "request {i}: {body}"
+        );
+    }
+    assert_eq!(
+        loop_status, 508,
+        "a name resolving to 0.0.0.0 on the proxy's own port"
+    );
+    assert!(!reached, "a refused request reached the loopback service");
+}

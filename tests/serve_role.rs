@@ -293,3 +293,38 @@ fn serve_config_mistakes_are_named() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+/// `0.0.0.0` is this host for the serve role too: with loopback denied and
+/// everything else allowed, `CONNECT 0.0.0.0:<a loopback service>` is
+/// refused and `CONNECT 0.0.0.0:<serve's own port>` as well (it was 200
+/// where `127.0.0.1` got 403); the service never sees a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unspecified_targets_are_this_host() {
+    let pki = pki();
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = service.local_addr().unwrap().port();
+    let (_serve, peer, serve_admin) =
+        serve_role(&pki, "\"!127.0.0.0/8:*\", \"![::1]:*\", \"*:*\"").await;
+    for target in [
+        format!("0.0.0.0:{port}"),
+        format!("0.0.0.0:{}", peer.port()),
+        format!("0.1.2.3:{port}"),
+    ] {
+        let (_client, p) = tunnel(&pki, peer, target.parse().unwrap(), true).await;
+        let back = exchange_half_closed(p, b"x").await.unwrap_or_default();
+        assert!(back.is_empty(), "{target}: a refused stream carried bytes");
+    }
+    assert_eq!(
+        metric(
+            serve_admin,
+            "loopmux_serve_refused_total",
+            &[("reason", "denied")]
+        )
+        .await,
+        3.0
+    );
+    let reached = tokio::time::timeout(Duration::from_millis(300), service.accept())
+        .await
+        .is_ok();
+    assert!(!reached, "a refused CONNECT reached the loopback service");
+}

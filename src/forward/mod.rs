@@ -99,12 +99,15 @@ fn dialer_for(cfg: &ForwardConfig) -> Arc<Dialer> {
 }
 
 /// Whether `addr` is the listener at `local` (also when it listens on
-/// every address).
+/// every address). An unspecified address (`0.0.0.0/8`, `::`) on the
+/// listener's port is this host's, so it counts as the listener whatever
+/// address the listener is bound to.
 pub(crate) fn is_self(addr: SocketAddr, local: SocketAddr) -> bool {
     let ip = crate::allow::canonical(addr.ip());
     addr.port() == local.port()
         && (ip == crate::allow::canonical(local.ip())
-            || (local.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
+            || crate::allow::is_this_host(ip)
+            || (local.ip().is_unspecified() && ip.is_loopback()))
 }
 
 impl Forward {
@@ -279,12 +282,23 @@ impl Forward {
             }
         } else {
             self.stats.denied.inc();
-            ForwardError::Denied {
-                target: target.to_string(),
-                denial: Denial::Rule {
+            // The veto carries only the text; the denial itself is the
+            // current rules' answer for that address.
+            let denial = match self
+                .config()
+                .allow
+                .check_resolved(v.addr.ip(), v.addr.port())
+            {
+                Err(d) => d,
+                Ok(()) => Denial::Rule {
                     rule: v.reason,
                     addr: Some(v.addr.ip()),
+                    this_host: false,
                 },
+            };
+            ForwardError::Denied {
+                target: target.to_string(),
+                denial,
             }
         }
     }
