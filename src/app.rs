@@ -97,13 +97,13 @@ impl Serving {
         }
     }
 
-    fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
+    async fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
         match (self, up) {
-            (Serving::Proxy(p), up) => p.reconfigure(up, lc),
+            (Serving::Proxy(p), up) => p.reconfigure(up, lc).await,
             (Serving::Tcp(t), Some(up)) => t.reconfigure(up, lc),
             (Serving::Tcp(_), None) => {}
             (Serving::Serve(s), _) => s.reconfigure(lc),
-            (Serving::Intercept { proxy, .. }, _) => proxy.reconfigure(None, lc),
+            (Serving::Intercept { proxy, .. }, _) => proxy.reconfigure(None, lc).await,
         }
     }
 
@@ -502,7 +502,7 @@ impl App {
             let mut r = match pos {
                 Some(pos) => {
                     let mut r = old.swap_remove(pos);
-                    r.serving.reconfigure(up, lc);
+                    r.serving.reconfigure(up, lc).await;
                     r.limit.resize(lc.max_clients);
                     r.cfg = lc.clone();
                     r

@@ -648,6 +648,64 @@ async fn a_reload_applies_a_new_allow_list_and_a_change_of_mode() {
     app.stop(Duration::from_secs(2)).await;
 }
 
+/// A reload that changes `forward_defaults` (here `queue_timeout`, and then
+/// the allow list) reconfigures each origin's pool in place: with
+/// `max_connections = 1` and a slow request in flight across the reload,
+/// the next request waits for that one connection instead of opening a
+/// second (it opened one: the origins were dropped and rebuilt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_each_origin_under_max_connections() {
+    let o = origin().await;
+    let cfg = |queue: &str, allow: &str| {
+        loopmux::config::load_str(
+            &format!(
+                "[[listener]]\nname = \"fwd\"\nbind = \"127.0.0.1:0\"\nmode = \"forward\"\nallow = [{allow}]\n\n\
+                 [forward_defaults]\nmax_connections = 1\nqueue_timeout = \"{queue}\"\n"
+            ),
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let allow = format!("\"{}\"", o.addr);
+    let first = cfg("5s", &allow);
+    let bound = loopmux::app::bind_all(&first).unwrap();
+    let mut app = loopmux::app::App::start(first, bound).await.unwrap();
+    let p = app.local_addrs()[0];
+    let get = |path: &str| format!("GET http://{}{path} HTTP/1.1\r\nHost: x\r\n\r\n", o.addr);
+    assert_eq!(
+        exchange(p, get("/bytes/1").as_bytes(), WAIT).await.status,
+        200
+    );
+
+    for (queue, allow) in [
+        ("6s", allow.clone()),
+        ("7s", format!("{allow}, \"192.0.2.1:80\"")),
+    ] {
+        let slow = get("/slow/1500");
+        let in_flight = tokio::spawn(async move { exchange(p, slow.as_bytes(), WAIT).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.reload(cfg(queue, &allow)).await.unwrap();
+        let next = exchange(p, get("/bytes/3").as_bytes(), WAIT).await;
+        assert_eq!(next.status, 200, "after the reload: {}", next.head);
+        assert_eq!(
+            in_flight.await.unwrap().status,
+            200,
+            "the request in flight"
+        );
+        let peak = o.stats.peak_active.load(Ordering::Relaxed);
+        assert_eq!(
+            peak, 1,
+            "queue_timeout {queue}: {peak} origin connections at once"
+        );
+    }
+    assert_eq!(
+        o.stats.accepted.load(Ordering::Relaxed),
+        1,
+        "the pool's connection was kept"
+    );
+    app.stop(Duration::from_secs(2)).await;
+}
+
 /// One client connection, requests to two origins (one over IPv6): each
 /// goes to its own origin, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

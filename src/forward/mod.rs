@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use http::{HeaderValue, StatusCode};
 
 use crate::allow::{Denial, Host};
-use crate::config::{EndpointAddr, ForwardConfig, ListenerConfig, Protocol};
+use crate::config::{EndpointAddr, ForwardConfig, ListenerConfig, Protocol, UpstreamConfig};
 use crate::metrics::ForwardStats;
 use crate::upstream::dialer::{DialError, Dialer};
 use crate::upstream::{AddressVeto, RawDialError, StartWith, Upstream, Vetoed};
@@ -158,28 +158,47 @@ impl Forward {
             .clone()
     }
 
-    /// A reload: a changed allow list, TLS list or pool template drops
-    /// every origin (requests in flight finish on the old pools); the
-    /// next requests start new ones under the new rules.
-    pub fn reconfigure(&self, lc: &ListenerConfig) {
+    /// A reload. Every started origin gets a successor under the new
+    /// settings that takes over its pools, reconfigured in place (cap,
+    /// queue, timeouts, source addresses, the allow list's veto on its
+    /// addresses), as `[[upstream]]` pools are: one pool per origin at
+    /// every moment, so `max_connections` holds through the reload
+    /// (invariants 1 and 8). Only an origin whose connections themselves
+    /// change (TLS, protocol) is dropped; its requests in flight finish
+    /// on the old pools.
+    pub async fn reconfigure(&self, lc: &ListenerConfig) {
         let Some(new) = lc.forward.as_deref() else {
             return;
         };
-        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        if *s.cfg == *new {
-            return;
+        let cfg = {
+            let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
+            if *s.cfg == *new {
+                return;
+            }
+            let o = &s.cfg.origin;
+            if o.source_addresses != new.origin.source_addresses
+                || o.connect_timeout != new.origin.connect_timeout
+                || o.failure_backoff != new.origin.failure_backoff
+            {
+                s.dialer = dialer_for(new);
+            }
+            s.cfg = Arc::new(new.clone());
+            s.cfg.clone()
+        };
+        for origin in self.origins.started() {
+            let Some(prev) = origin.current() else {
+                continue;
+            };
+            let (uc, with) = self.origin_template(&cfg, &origin.target);
+            if prev.can_reconfigure(&uc) {
+                let next = Upstream::start_after_with(uc, &prev, with).await;
+                origin.replace(next);
+            } else {
+                tracing::debug!(origin = %uc.name, "reload changed the origin's TLS or protocol: new pools");
+                self.origins.drop_origin(&origin);
+            }
         }
-        let o = &s.cfg.origin;
-        if o.source_addresses != new.origin.source_addresses
-            || o.connect_timeout != new.origin.connect_timeout
-            || o.failure_backoff != new.origin.failure_backoff
-        {
-            s.dialer = dialer_for(new);
-        }
-        s.cfg = Arc::new(new.clone());
-        drop(s);
-        self.origins.clear();
-        self.stats.origins.set(0);
+        self.stats.origins.set(self.origins.len() as i64);
     }
 
     /// The upstreams of the origins open now, for `/status`.
@@ -241,9 +260,9 @@ impl Forward {
         let start = guard
             .origin()
             .upstream
-            .get_or_init(|| self.start_origin(cfg, target));
+            .get_or_init(|| async { std::sync::RwLock::new(self.start_origin(cfg, target).await) });
         let up = match tokio::time::timeout(cfg.origin.connect_timeout, start).await {
-            Ok(up) => up.clone(),
+            Ok(up) => up.read().unwrap_or_else(|p| p.into_inner()).clone(),
             Err(_) => {
                 return Err(ForwardError::Unresolved {
                     target: target.to_string(),
@@ -304,6 +323,18 @@ impl Forward {
     }
 
     async fn start_origin(&self, cfg: &Arc<ForwardConfig>, target: &Target) -> Arc<Upstream> {
+        let (uc, with) = self.origin_template(cfg, target);
+        tracing::debug!(origin = %uc.name, "new origin");
+        Upstream::start_with(uc, with).await
+    }
+
+    /// An origin's upstream config under `cfg`, with the listener's dialer
+    /// and the veto on its resolved addresses.
+    fn origin_template(
+        &self,
+        cfg: &Arc<ForwardConfig>,
+        target: &Target,
+    ) -> (UpstreamConfig, StartWith) {
         let mut uc = cfg.origin.clone();
         uc.name = format!("{}://{target}", if target.tls { "https" } else { "http" });
         uc.endpoints = vec![match &target.host {
@@ -343,15 +374,13 @@ impl Forward {
                 }),
             }
         });
-        tracing::debug!(origin = %uc.name, "new origin");
-        Upstream::start_with(
+        (
             uc,
             StartWith {
                 dialer: Some(self.dialer()),
                 veto: Some(veto),
             },
         )
-        .await
     }
 
     /// Routes a plain proxy request: checks its target and returns the

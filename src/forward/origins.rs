@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
@@ -13,28 +13,43 @@ use tokio::sync::OnceCell;
 use super::target::Target;
 use crate::upstream::Upstream;
 
-/// One origin: its upstream, started by the first request that needs it.
+/// One origin: its upstream, started by the first request that needs it,
+/// and replaced in place by a reload (the successor takes over its pools).
 pub struct Origin {
     pub target: Target,
-    pub upstream: OnceCell<Arc<Upstream>>,
+    pub upstream: OnceCell<RwLock<Arc<Upstream>>>,
     /// Requests and tunnels holding this origin now ([`OriginGuard`]).
     users: AtomicUsize,
     last_used_ms: AtomicU64,
 }
 
 impl Origin {
+    /// The upstream requests use now, once started.
+    pub fn current(&self) -> Option<Arc<Upstream>> {
+        self.upstream
+            .get()
+            .map(|u| u.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// A reload's successor for a started origin (it took over the pools,
+    /// so the cap holds across the swap).
+    pub fn replace(&self, up: Arc<Upstream>) {
+        if let Some(u) = self.upstream.get() {
+            *u.write().unwrap_or_else(|p| p.into_inner()) = up;
+        }
+    }
+
     /// Whether anything uses the origin: a request being routed, or a
     /// request or tunnel on one of its endpoints.
     fn busy(&self) -> bool {
         self.users.load(Ordering::Relaxed) > 0
             || self
-                .upstream
-                .get()
+                .current()
                 .is_some_and(|u| u.endpoints().iter().any(|e| e.in_flight() > 0))
     }
 
     fn retire(&self) {
-        if let Some(u) = self.upstream.get() {
+        if let Some(u) = self.current() {
             for ep in u.endpoints().iter() {
                 ep.pool.retire();
             }
@@ -133,14 +148,26 @@ impl Origins {
         map.len()
     }
 
-    /// Drops every origin (a reload changed how they are pooled or
-    /// checked); requests in flight finish on the old pools.
-    pub fn clear(&self) {
+    /// The origins whose upstreams have started.
+    pub fn started(&self) -> Vec<Arc<Origin>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .filter(|o| o.upstream.initialized())
+            .cloned()
+            .collect()
+    }
+
+    /// Drops `origin` (a reload changed what its connections are: TLS or
+    /// protocol); requests in flight finish on its pools.
+    pub fn drop_origin(&self, origin: &Arc<Origin>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        for o in map.values() {
-            o.retire();
+        if map
+            .get(&origin.target)
+            .is_some_and(|o| Arc::ptr_eq(o, origin))
+        {
+            map.remove(&origin.target);
         }
-        map.clear();
+        origin.retire();
     }
 
     pub fn len(&self) -> usize {
@@ -154,9 +181,7 @@ impl Origins {
     /// The origins with started upstreams, for `/status`.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.values()
-            .filter_map(|o| o.upstream.get().cloned())
-            .collect()
+        map.values().filter_map(|o| o.current()).collect()
     }
 }
 

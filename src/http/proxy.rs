@@ -96,12 +96,12 @@ impl Proxy {
 
     /// Reload: new requests (also on open client connections) go to `up`
     /// under `lc`'s settings; requests in flight finish as they started.
-    pub fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
+    pub async fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
         match (&self.route, up) {
             (Route::Fixed(u), Some(up)) => {
                 *u.write().unwrap_or_else(|p| p.into_inner()) = up;
             }
-            (Route::Forward(f), _) => f.reconfigure(lc),
+            (Route::Forward(f), _) => f.reconfigure(lc).await,
             _ => {}
         }
         self.access_log.store(lc.access_log, Ordering::Relaxed);

@@ -163,6 +163,19 @@ impl Upstream {
         Self::start_inner(cfg, None, with).await
     }
 
+    /// [`start_after`] and [`start_with`] at once: a forward origin's
+    /// successor after a reload.
+    ///
+    /// [`start_after`]: Self::start_after
+    /// [`start_with`]: Self::start_with
+    pub async fn start_after_with(
+        cfg: UpstreamConfig,
+        previous: &Upstream,
+        with: StartWith,
+    ) -> Arc<Self> {
+        Self::start_inner(cfg, Some(previous), with).await
+    }
+
     async fn start_inner(
         cfg: UpstreamConfig,
         previous: Option<&Upstream>,
