@@ -706,6 +706,100 @@ async fn a_reload_keeps_each_origin_under_max_connections() {
     app.stop(Duration::from_secs(2)).await;
 }
 
+/// Per-source figures are each origin's own: two origins holding 2 and 3
+/// connections from two source addresses show 2 and 3 in
+/// `loopmux_source_connections_active` (summed over sources; each source's
+/// figure as `ss` counts it), a CONNECT origin whose tunnel has closed
+/// shows 0, and the `EADDRNOTAVAIL` of a source not on this host counts
+/// only under the origin whose dial hit it. (Every origin showed the
+/// listener's totals: 5, 5, and 5.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_metrics_are_per_origin() {
+    let a = origin().await;
+    let b = origin().await;
+    let (_guard, c) = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (
+            tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    drop(s);
+                }
+            }),
+            addr,
+        )
+    };
+    let (_app, p, admin) = proxy(
+        "allow = [\"127.0.0.1:*\"]",
+        "[forward_defaults]\nsource_addresses = [\"198.18.0.77\", \"127.0.0.2\", \"127.0.0.3\"]\nfailure_backoff = \"10m\"",
+    )
+    .await;
+    let slow = |o: SocketAddr, n: usize| async move {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let r = format!("GET http://{o}/slow/400 HTTP/1.1\r\nHost: x\r\n\r\n");
+                tokio::spawn(async move { exchange(p, r.as_bytes(), WAIT).await.status })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    };
+    slow(a.addr, 2).await;
+    slow(b.addr, 3).await;
+    let mut tunnel = open_tunnel(p, c).await;
+    let _ = tunnel.read(&mut [0u8; 1]).await;
+    drop(tunnel);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let ss = |src: &str, dst: SocketAddr| {
+        let out = std::process::Command::new("ss")
+            .args([
+                "-Htn",
+                "state",
+                "established",
+                "src",
+                src,
+                "dst",
+                &dst.to_string(),
+            ])
+            .output()
+            .expect("ss (iproute2)");
+        String::from_utf8_lossy(&out.stdout).lines().count() as f64
+    };
+    for (o, want) in [(a.addr, 2.0), (b.addr, 3.0), (c, 0.0)] {
+        let upstream = format!("http://{o}");
+        let mut total = 0.0;
+        for src in ["127.0.0.2", "127.0.0.3"] {
+            let m = metric(
+                admin,
+                "loopmux_source_connections_active",
+                &[("upstream", &upstream), ("source", src)],
+            )
+            .await;
+            assert_eq!(m, ss(src, o), "{upstream} from {src}: metric against ss");
+            total += m;
+        }
+        assert_eq!(total, want, "{upstream}: open connections over its sources");
+    }
+    let unassigned = |o: SocketAddr| {
+        let upstream = format!("http://{o}");
+        async move {
+            metric(
+                admin,
+                "loopmux_source_eaddrnotavail_total",
+                &[("upstream", &upstream), ("source", "198.18.0.77")],
+            )
+            .await
+        }
+    };
+    // The first dial of the listener tried 198.18.0.77 (not on this host)
+    // and failed over; it then backs off for every origin.
+    assert_eq!(unassigned(a.addr).await, 1.0);
+    assert_eq!(unassigned(b.addr).await, 0.0);
+    assert_eq!(unassigned(c).await, 0.0);
+}
+
 /// One client connection, requests to two origins (one over IPv6): each
 /// goes to its own origin, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,7 +189,16 @@ impl Forward {
             let Some(prev) = origin.current() else {
                 continue;
             };
-            let (uc, with) = self.origin_template(&cfg, &origin.target);
+            let (uc, mut with) = self.origin_template(&cfg, &origin.target);
+            // The same sources: the origin keeps its own counts (its open
+            // connections are leased from them).
+            if with
+                .dialer
+                .as_ref()
+                .is_some_and(|d| d.same_sources(&prev.dialer))
+            {
+                with.dialer = Some(prev.dialer.clone());
+            }
             if prev.can_reconfigure(&uc) {
                 let next = Upstream::start_after_with(uc, &prev, with).await;
                 origin.replace(next);
@@ -377,7 +386,8 @@ impl Forward {
         (
             uc,
             StartWith {
-                dialer: Some(self.dialer()),
+                // A view: the listener's sources, this origin's counts.
+                dialer: Some(Arc::new(self.dialer().view())),
                 veto: Some(veto),
             },
         )

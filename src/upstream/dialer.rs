@@ -20,13 +20,10 @@ const KEEPALIVE_TIME: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
 
-/// One source address and what we know about it.
+/// One source address and what this dialer (or view) did with it.
 #[derive(Debug)]
 pub struct Source {
     pub ip: IpAddr,
-    /// Milliseconds since the dialer's epoch before which this source is
-    /// tried only after the healthy ones.
-    failed_until_ms: AtomicU64,
     /// How often this source hit `EADDRNOTAVAIL` (ports exhausted or address
     /// not assigned).
     pub addr_not_avail: AtomicU64,
@@ -49,14 +46,27 @@ impl Drop for SourceLease {
     }
 }
 
-/// Dials upstream connections. Cheap to share behind an `Arc`.
+/// What every view of one dialer shares: the sources' back-off and the
+/// round-robin position.
+#[derive(Debug)]
+struct Common {
+    /// Per source: milliseconds since `epoch` before which it is tried
+    /// only after the healthy ones.
+    failed_until_ms: Vec<AtomicU64>,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+/// Dials upstream connections. Cheap to share behind an `Arc`. A
+/// [`view`](Self::view) dials through the same sources (their back-off and
+/// round-robin) but counts its own connections and `EADDRNOTAVAIL`: each
+/// forward origin has one, so its figures are its own.
 #[derive(Debug)]
 pub struct Dialer {
     sources: Vec<Source>,
-    next: AtomicUsize,
+    common: std::sync::Arc<Common>,
     connect_timeout: Duration,
     failure_backoff: Duration,
-    epoch: Instant,
 }
 
 /// A connected stream and the source address it left from.
@@ -125,20 +135,30 @@ fn source_exhausted(e: &io::Error) -> bool {
 impl Dialer {
     pub fn new(sources: &[IpAddr], connect_timeout: Duration, failure_backoff: Duration) -> Self {
         Dialer {
-            sources: sources
-                .iter()
-                .map(|&ip| Source {
-                    ip,
-                    failed_until_ms: AtomicU64::new(0),
-                    addr_not_avail: AtomicU64::new(0),
-                    active: AtomicUsize::new(0),
-                })
-                .collect(),
-            next: AtomicUsize::new(0),
+            sources: fresh_sources(sources.iter().copied()),
+            common: std::sync::Arc::new(Common {
+                failed_until_ms: sources.iter().map(|_| AtomicU64::new(0)).collect(),
+                next: AtomicUsize::new(0),
+                epoch: Instant::now(),
+            }),
             connect_timeout,
             failure_backoff,
-            epoch: Instant::now(),
         }
+    }
+
+    /// A dialer over the same sources, with counts of its own.
+    pub fn view(&self) -> Dialer {
+        Dialer {
+            sources: fresh_sources(self.sources.iter().map(|s| s.ip)),
+            common: self.common.clone(),
+            connect_timeout: self.connect_timeout,
+            failure_backoff: self.failure_backoff,
+        }
+    }
+
+    /// Whether `self` and `other` are views of one dialer.
+    pub fn same_sources(&self, other: &Dialer) -> bool {
+        std::sync::Arc::ptr_eq(&self.common, &other.common)
     }
 
     pub fn sources(&self) -> &[Source] {
@@ -160,14 +180,14 @@ impl Dialer {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.common.epoch.elapsed().as_millis() as u64
     }
 
     /// The order to try sources in: round-robin start, sources of the
     /// destination's family only, recently failed ones last.
     fn order(&self, dest: SocketAddr) -> Vec<usize> {
         let n = self.sources.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.common.next.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
         let mut healthy = Vec::with_capacity(n);
         let mut failed = Vec::new();
@@ -177,7 +197,7 @@ impl Dialer {
             if s.ip.is_ipv4() != dest.is_ipv4() {
                 continue;
             }
-            if s.failed_until_ms.load(Ordering::Relaxed) > now {
+            if self.common.failed_until_ms[i].load(Ordering::Relaxed) > now {
                 failed.push(i);
             } else {
                 healthy.push(i);
@@ -232,7 +252,7 @@ impl Dialer {
             *last_source = Some(src.ip);
             match connect_from(Some(src.ip), dest).await {
                 Ok(stream) => {
-                    src.failed_until_ms.store(0, Ordering::Relaxed);
+                    self.common.failed_until_ms[i].store(0, Ordering::Relaxed);
                     return Ok(finish(stream, Some(i)));
                 }
                 Err(e) if source_exhausted(&e) => {
@@ -240,7 +260,7 @@ impl Dialer {
                         src.addr_not_avail.fetch_add(1, Ordering::Relaxed);
                     }
                     let until = self.now_ms() + self.failure_backoff.as_millis() as u64;
-                    src.failed_until_ms.store(until, Ordering::Relaxed);
+                    self.common.failed_until_ms[i].store(until, Ordering::Relaxed);
                     tracing::warn!(source = %src.ip, dest = %dest, error = %errno_text(&e), "source address failed, trying the next one");
                     last_err = Some(DialError {
                         dest,
@@ -265,6 +285,15 @@ impl Dialer {
             kind: DialErrorKind::NoSourceForFamily,
         }))
     }
+}
+
+fn fresh_sources(ips: impl Iterator<Item = IpAddr>) -> Vec<Source> {
+    ips.map(|ip| Source {
+        ip,
+        addr_not_avail: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
+    })
+    .collect()
 }
 
 fn finish(stream: TcpStream, source: Option<usize>) -> Dialed {
