@@ -152,6 +152,49 @@ async fn connect_failures_close_or_reset_the_client_and_failover_works() {
     }
 }
 
+/// A client that speaks first (its bytes unread when the upstream cannot
+/// be reached) reads a clean EOF under `on_connect_error = "close"`: a
+/// close with unread bytes would be an RST. The endpoint's accept queue is
+/// full, so loopmux's connect waits for `connect_timeout` and the client's
+/// bytes are surely in by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_that_spoke_first_reads_eof_not_a_reset() {
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..3 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(full_addr)).await
+        {
+            fill.push(s);
+        }
+    }
+    let (app, p) = start(&config(
+        &format!("\"{full_addr}\""),
+        "",
+        "connect_timeout = \"300ms\"",
+    ))
+    .await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(p).await.unwrap();
+        s.write_all(b"EHLO client.example\r\n").await.unwrap();
+        let got = read_all(&mut s).await;
+        assert_eq!(got.map_err(|e| e.kind()), Ok(Vec::new()), "client {i}");
+    }
+    assert_eq!(
+        metric(
+            app.admin_addr.unwrap(),
+            "loopmux_tcp_connect_failures_total",
+            &[("listener", "t")]
+        )
+        .await,
+        3.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_leave_from_every_source_address() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -20,6 +20,32 @@ use crate::listener::Drain;
 use crate::metrics::RawStats;
 use crate::upstream::{RawConn, Upstream};
 
+/// How much of what a refused client sent is read and dropped before the
+/// close, and for how long after loopmux's FIN.
+const DISCARD_MAX: usize = 64 * 1024;
+const DISCARD_WAIT: Duration = Duration::from_secs(1);
+
+/// Closes `client` so that it reads EOF: a close with unread bytes in the
+/// receive queue is an RST (RFC 2525 §2.17), which a client that spoke
+/// first would see instead of the FIN. So: FIN first, then read and drop
+/// what it sent until its own close, up to [`DISCARD_MAX`] bytes and
+/// [`DISCARD_WAIT`]; past those bounds the close is a reset after all.
+async fn close_cleanly(mut client: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = client.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut dropped = 0;
+    let _ = tokio::time::timeout(DISCARD_WAIT, async {
+        while dropped < DISCARD_MAX {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => dropped += n,
+            }
+        }
+    })
+    .await;
+}
+
 /// One `tcp` listener's handler; shared by its connections.
 pub struct TcpServer {
     listener: Arc<str>,
@@ -72,15 +98,22 @@ impl TcpServer {
 
     /// Closes a client whose upstream could not be opened: a FIN, or an
     /// RST with `on_connect_error = "reset"`.
-    fn refuse(&self, client: &TcpStream, up: &Upstream, error: &dyn std::fmt::Display) {
+    async fn refuse(
+        &self,
+        client: TcpStream,
+        up: &Upstream,
+        error: &(dyn std::fmt::Display + Sync),
+    ) {
         self.stats.connect_failures.inc();
         let reset = self.on_connect_error.load(Ordering::Relaxed) == 1;
         tracing::warn!(listener = %self.listener, upstream = %up.cfg.name, %error, action = if reset { "reset" } else { "close" }, "no upstream connection; client connection closed");
         if reset {
             // SO_LINGER 0: the close sends an RST, so the client fails at
             // once instead of reading a clean EOF.
-            let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return;
         }
+        close_cleanly(client).await;
     }
 
     /// Serves one client connection: dial, relay, close. A drain gives it
@@ -103,7 +136,7 @@ impl TcpServer {
         let raw = match dialed {
             Ok(raw) => raw,
             Err(e) => {
-                self.refuse(&client, &up, &e);
+                self.refuse(client, &up, &e).await;
                 return;
             }
         };
@@ -133,7 +166,7 @@ impl TcpServer {
         let t = match opened {
             Ok(t) => t,
             Err(e) => {
-                self.refuse(&client, &up, &e);
+                self.refuse(client, &up, &e).await;
                 return;
             }
         };
