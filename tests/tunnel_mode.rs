@@ -186,3 +186,53 @@ async fn a_refused_connect_closes_the_client() {
         );
     }
 }
+
+/// Short connections (ping, pong, close) through a far end that does not
+/// pass a half-close on (nghttpx in front of tinyproxy): each stream stays
+/// open after the client's FIN until `half_close_timeout`. At 1 s, 300
+/// connections 16 at a time all get their answer and every stream is gone
+/// soon after; at the fixed 60 s of before they filled nghttpx's stream
+/// limit (100 per connection, 2 connections) and the rest queued past the
+/// clients' patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_timeout_frees_streams_behind_a_far_end_that_keeps_them() {
+    let echo = echo_streaming().await;
+    let dir = Dir::new();
+    let ca = Ca::new("tunnel test CA");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let (_tiny, _nghttpx, peer) = chain(&dir, &ca).await;
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nmode = \"tunnel\"\nupstream = \"peer\"\ntarget = \"{echo}\"\nhalf_close_timeout = \"1s\"\n\n\
+         [[upstream]]\nname = \"peer\"\nendpoints = [\"{peer}\"]\nprotocol = \"http2\"\nmax_connections = 2\n\
+         tls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}\n"
+    );
+    let (app, p) = start(&toml).await;
+    let admin = app.admin_addr.unwrap();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let ping = format!("ping {i:04}\n").into_bytes();
+            round_trip(p, ping).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap(), "a short connection's answer differed");
+    }
+    let mut open = f64::NAN;
+    for _ in 0..40 {
+        open = metric(
+            admin,
+            "loopmux_tcp_connections_active",
+            &[("listener", "t")],
+        )
+        .await;
+        if open == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(open, 0.0, "streams still open after the half-close timeout");
+}

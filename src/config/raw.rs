@@ -240,6 +240,7 @@ pub struct RawListener {
     pub originate_tls: Field<Vec<String>>,
     pub via: Field<bool>,
     pub idle_timeout: Field<String>,
+    pub half_close_timeout: Field<String>,
     pub on_connect_error: Field<String>,
     pub intercept: Option<RawIntercept>,
 }
@@ -301,6 +302,7 @@ pub struct RawServe {
     pub max_connections: Field<usize>,
     pub max_streams_per_connection: Field<usize>,
     pub idle_timeout: Field<String>,
+    pub half_close_timeout: Field<String>,
     pub handshake_timeout: Field<String>,
     pub connect_timeout: Field<String>,
     pub failure_backoff: Field<String>,

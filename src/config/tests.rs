@@ -474,3 +474,47 @@ fn process_threads_is_checked() {
         "{e}"
     );
 }
+
+/// `half_close_timeout`: raw relays only (tcp, tunnel, forward's CONNECT,
+/// intercept, `[serve]`), default 60 s, a positive duration.
+#[test]
+fn half_close_timeout_is_checked_where_it_applies() {
+    let cfg =
+        load(&MINIMAL.replace("upstream = \"u\"\n", "upstream = \"u\"\nmode = \"tcp\"\n")).unwrap();
+    assert_eq!(
+        cfg.listeners[0].half_close_timeout,
+        std::time::Duration::from_secs(60)
+    );
+    let cfg = load(&MINIMAL.replace(
+        "upstream = \"u\"\n",
+        "upstream = \"u\"\nmode = \"tcp\"\nhalf_close_timeout = \"5s\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        cfg.listeners[0].half_close_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    let cfg = load(&FORWARD.replace(
+        "mode = \"forward\"\n",
+        "mode = \"forward\"\nhalf_close_timeout = \"2s\"\n",
+    ))
+    .unwrap();
+    let f = cfg.listeners[0].forward.as_ref().unwrap();
+    assert_eq!(f.half_close_timeout, std::time::Duration::from_secs(2));
+    let e = problems(&MINIMAL.replace(
+        "upstream = \"u\"\n",
+        "upstream = \"u\"\nhalf_close_timeout = \"5s\"\n",
+    ));
+    assert!(
+        e.contains("listener[0].half_close_timeout: only applies to raw relays"),
+        "{e}"
+    );
+    let e = problems(&MINIMAL.replace(
+        "upstream = \"u\"\n",
+        "upstream = \"u\"\nmode = \"tcp\"\nhalf_close_timeout = \"0s\"\n",
+    ));
+    assert!(
+        e.contains("listener[0].half_close_timeout: must be greater than zero"),
+        "{e}"
+    );
+}

@@ -88,6 +88,9 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// The TLS handshake must finish within this.
     pub handshake_timeout: Duration,
+    /// A stream's relay after one side's FIN (see
+    /// [`ListenerConfig::half_close_timeout`]).
+    pub half_close_timeout: Duration,
     pub connect_timeout: Duration,
     pub failure_backoff: Duration,
     pub source_addresses: Vec<IpAddr>,
@@ -129,6 +132,9 @@ pub struct ForwardConfig {
     pub max_origins: usize,
     /// Add `Via: 1.1 loopmux` to requests and responses.
     pub via: bool,
+    /// The listener's `half_close_timeout`, for CONNECT tunnels and
+    /// intercepted opaque connections.
+    pub half_close_timeout: Duration,
     /// The template every origin's pool settings come from
     /// (`[forward_defaults]`); its name and endpoints are unused.
     pub origin: UpstreamConfig,
@@ -157,6 +163,10 @@ pub struct ListenerConfig {
     pub body_timeout: Duration,
     /// `tcp`: a connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Raw relays (tcp, tunnel, CONNECT, intercepted opaque, the serve
+    /// role): once one side has sent its FIN, the other direction may be
+    /// silent this long.
+    pub half_close_timeout: Duration,
     /// `tcp`: what the client gets when no upstream can be dialed.
     pub on_connect_error: OnConnectError,
     /// `tunnel`: the CONNECT authority (`host:port`).
@@ -266,6 +276,10 @@ pub mod defaults {
     /// database connection idle for minutes are not cut; a peer that
     /// vanished without a FIN is, eventually (keepalive finds most first).
     pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    /// HAProxy's `timeout client-fin` idea: after one side's FIN, a peer
+    /// that never passes the half-close on (tinyproxy behind nghttpx)
+    /// holds the relay this long, not `idle_timeout`.
+    pub const HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     /// Runtime worker threads (0: one per core). One: measured with
     /// benches/compare.sh on a 2-core host (one run, 3 rounds), one thread
@@ -920,6 +934,24 @@ fn listener(
         }
         None
     };
+    let half_close_timeout = if matches!(
+        mode,
+        Some(Mode::Tcp | Mode::Tunnel | Mode::Forward | Mode::Intercept)
+    ) {
+        c.duration(
+            k("half_close_timeout"),
+            &l.half_close_timeout,
+            defaults::HALF_CLOSE_TIMEOUT,
+        )
+    } else {
+        if l.half_close_timeout != Field::Missing {
+            c.fail(
+                k("half_close_timeout"),
+                "only applies to raw relays: mode = \"tcp\", \"tunnel\", \"forward\" (CONNECT) or \"intercept\"",
+            );
+        }
+        defaults::HALF_CLOSE_TIMEOUT
+    };
     let intercept = match mode {
         Some(Mode::Intercept) => intercept(c, i, l.intercept.as_ref()).map(Box::new),
         _ => {
@@ -930,7 +962,10 @@ fn listener(
         }
     };
     let forward = match mode {
-        Some(Mode::Forward) => forward(c, i, l, forward_template).map(Box::new),
+        Some(Mode::Forward) => forward(c, i, l, forward_template).map(|mut f| {
+            f.half_close_timeout = half_close_timeout;
+            Box::new(f)
+        }),
         // Interception carries HTTP/1 over per-destination pools as forward
         // mode does: the same routing, with the destinations as allow list.
         Some(Mode::Intercept) => intercept.as_ref().and_then(|ic| {
@@ -939,6 +974,7 @@ fn listener(
                 originate_tls: AllowList::default(),
                 max_origins: defaults::MAX_ORIGINS,
                 via: false,
+                half_close_timeout,
                 origin: forward_template?.clone(),
             }))
         }),
@@ -1121,6 +1157,7 @@ fn listener(
         request_buffer_bytes,
         body_timeout,
         idle_timeout,
+        half_close_timeout,
         on_connect_error,
         target,
         serve: None,
@@ -1310,6 +1347,7 @@ fn forward(
         originate_tls: originate_tls?,
         max_origins,
         via,
+        half_close_timeout: defaults::HALF_CLOSE_TIMEOUT,
         origin,
     })
 }
@@ -1424,6 +1462,11 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
             &s.handshake_timeout,
             serve_defaults::HANDSHAKE_TIMEOUT,
         ),
+        half_close_timeout: c.duration(
+            k("half_close_timeout"),
+            &s.half_close_timeout,
+            defaults::HALF_CLOSE_TIMEOUT,
+        ),
         connect_timeout: c.duration(
             k("connect_timeout"),
             &s.connect_timeout,
@@ -1462,6 +1505,7 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
         request_buffer_bytes: 0,
         body_timeout: defaults::BODY_TIMEOUT,
         idle_timeout: cfg.idle_timeout,
+        half_close_timeout: cfg.half_close_timeout,
         on_connect_error: OnConnectError::Close,
         target: None,
         serve: Some(Box::new(cfg)),

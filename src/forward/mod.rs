@@ -440,7 +440,10 @@ impl Forward {
                     on_upgrade,
                     upstream: raw,
                     target: target.to_string(),
-                    idle_timeout: cfg.origin.idle_timeout,
+                    timeouts: crate::tcp::relay::Timeouts {
+                        idle: cfg.origin.idle_timeout,
+                        half_closed: cfg.half_close_timeout,
+                    },
                 })
             }
             Err(e) => {

@@ -3,14 +3,13 @@
 //! a FIN in one direction passed on while the other keeps flowing.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RawStats;
-use crate::tcp::relay::relay;
+use crate::tcp::relay::{relay, Timeouts};
 use crate::upstream::RawConn;
 
 /// A tunnel whose `200` is on its way to the client: the client side's
@@ -20,9 +19,10 @@ pub struct PendingTunnel {
     /// Holds the origin busy (its endpoint's in-flight count) while open.
     pub upstream: RawConn,
     pub target: String,
-    /// No byte either way for this long ends the tunnel
-    /// (`forward_defaults.idle_timeout`).
-    pub idle_timeout: Duration,
+    /// No byte either way for `idle` ends the tunnel
+    /// (`forward_defaults.idle_timeout`); after one side's FIN,
+    /// `half_closed` (the listener's `half_close_timeout`).
+    pub timeouts: Timeouts,
 }
 
 /// Carries a [`PendingTunnel`] from the request handler to the connection
@@ -37,13 +37,13 @@ impl Handoff {
 }
 
 /// Runs the tunnel to its end: both directions closed, an error, idle
-/// for `idle_timeout`, or `cut` (the drain's deadline).
+/// past its timeouts, or `cut` (the drain's deadline).
 pub async fn run(t: PendingTunnel, cut: CancellationToken, stats: &RawStats) {
     let PendingTunnel {
         on_upgrade,
         upstream,
         target,
-        idle_timeout,
+        timeouts,
     } = t;
     let client = match on_upgrade.await {
         Ok(u) => TokioIo::new(u),
@@ -60,7 +60,7 @@ pub async fn run(t: PendingTunnel, cut: CancellationToken, stats: &RawStats) {
         lease,
         ..
     } = upstream;
-    let r = relay(client, stream, idle_timeout, &cut, stats).await;
+    let r = relay(client, stream, timeouts, &cut, stats).await;
     tracing::debug!(%target, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "CONNECT tunnel ended");
     drop(in_flight);
     drop(lease);

@@ -263,14 +263,17 @@ impl ServeServer {
         self.stats.stream_to(&shown);
         let on_upgrade = hyper::upgrade::on(&mut req);
         let stats = self.stats.relays.clone();
-        let idle = cfg.idle_timeout;
+        let timeouts = crate::tcp::relay::Timeouts {
+            idle: cfg.idle_timeout,
+            half_closed: cfg.half_close_timeout,
+        };
         let cut = drain.deadline.clone();
         let lease = dialer.lease(up.source);
         drain.spawn(async move {
             let _lease = lease;
             match on_upgrade.await {
                 Ok(u) => {
-                    let r = crate::tcp::relay::relay(TokioIo::new(u), up.stream, idle, &cut, &stats).await;
+                    let r = crate::tcp::relay::relay(TokioIo::new(u), up.stream, timeouts, &cut, &stats).await;
                     tracing::debug!(target = %shown, local = %up.local, to_target = r.to_upstream, to_client = r.to_client, end = ?r.end, "serve: stream ended");
                 }
                 Err(e) => {

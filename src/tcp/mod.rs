@@ -52,6 +52,7 @@ pub struct TcpServer {
     /// Swapped by a reload; each connection reads it once.
     upstream: RwLock<Arc<Upstream>>,
     idle_timeout_ms: AtomicU64,
+    half_close_timeout_ms: AtomicU64,
     /// 0: close, 1: reset.
     on_connect_error: AtomicU8,
     /// `tunnel`: the CONNECT authority; `None` for `tcp`.
@@ -72,6 +73,7 @@ impl TcpServer {
             listener: lc.name.as_str().into(),
             upstream: RwLock::new(upstream),
             idle_timeout_ms: AtomicU64::new(lc.idle_timeout.as_millis() as u64),
+            half_close_timeout_ms: AtomicU64::new(lc.half_close_timeout.as_millis() as u64),
             on_connect_error: AtomicU8::new(action_code(lc.on_connect_error)),
             target: RwLock::new(lc.target.clone()),
             stats,
@@ -91,9 +93,18 @@ impl TcpServer {
         *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = up;
         self.idle_timeout_ms
             .store(lc.idle_timeout.as_millis() as u64, Ordering::Relaxed);
+        self.half_close_timeout_ms
+            .store(lc.half_close_timeout.as_millis() as u64, Ordering::Relaxed);
         self.on_connect_error
             .store(action_code(lc.on_connect_error), Ordering::Relaxed);
         *self.target.write().unwrap_or_else(|p| p.into_inner()) = lc.target.clone();
+    }
+
+    fn timeouts(&self) -> relay::Timeouts {
+        relay::Timeouts {
+            idle: Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed)),
+            half_closed: Duration::from_millis(self.half_close_timeout_ms.load(Ordering::Relaxed)),
+        }
     }
 
     /// Closes a client whose upstream could not be opened: a FIN, or an
@@ -149,8 +160,14 @@ impl TcpServer {
             lease,
         } = raw;
         let _ = client.set_nodelay(true);
-        let idle = Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed));
-        let r = relay::relay(client, stream, idle, &drain.deadline, &self.stats).await;
+        let r = relay::relay(
+            client,
+            stream,
+            self.timeouts(),
+            &drain.deadline,
+            &self.stats,
+        )
+        .await;
         tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %endpoint, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tcp connection ended");
         drop(in_flight);
         drop(lease);
@@ -172,8 +189,7 @@ impl TcpServer {
         };
         self.stats.opened.inc();
         let _ = client.set_nodelay(true);
-        let idle = Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed));
-        let r = relay::relay(client, t.io, idle, &drain.deadline, &self.stats).await;
+        let r = relay::relay(client, t.io, self.timeouts(), &drain.deadline, &self.stats).await;
         tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %target, endpoint = %t.endpoint, local = %t.local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tunnel stream ended");
         drop(t.lease);
     }

@@ -101,23 +101,29 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touch<S> {
 /// connection.
 const COPY_BUF: usize = 16 * 1024;
 
-/// Once one side has sent its FIN, the other direction gets at most this
-/// long without a byte (HAProxy's `timeout client-fin` idea): a peer that
+/// How long a relay may stay silent: `idle` both ways, and once one side
+/// has sent its FIN at most `half_closed` (the listener's
+/// `half_close_timeout`, HAProxy's `timeout client-fin` idea): a peer that
 /// never passes a half-close on (tinyproxy, behind nghttpx) would
 /// otherwise hold a relay whose client is long gone for `idle_timeout`.
-pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(60);
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub half_closed: Duration,
+}
 
-/// Resolves once no byte has moved for `idle` (for [`HALF_CLOSED_IDLE`]
-/// once a side has ended).
+/// Resolves once no byte has moved for `t.idle` (for `t.half_closed` once
+/// a side has ended).
 async fn idle_for(
     last_ms: &AtomicU64,
     epoch: Instant,
-    idle: Duration,
+    t: Timeouts,
     half_closed: &std::sync::atomic::AtomicBool,
 ) {
+    let idle = t.idle;
     loop {
         let limit = if half_closed.load(Ordering::Relaxed) {
-            idle.min(HALF_CLOSED_IDLE)
+            idle.min(t.half_closed)
         } else {
             idle
         };
@@ -126,9 +132,9 @@ async fn idle_for(
         if now >= last + limit {
             return;
         }
-        // Wakes at least every HALF_CLOSED_IDLE: a FIN since the last look
+        // Wakes at least every `half_closed`: a FIN since the last look
         // shortens the limit.
-        tokio::time::sleep_until((last + limit).min(now + HALF_CLOSED_IDLE)).await;
+        tokio::time::sleep_until((last + limit).min(now + t.half_closed)).await;
     }
 }
 
@@ -159,7 +165,7 @@ pub struct Relayed {
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
-    idle_timeout: Duration,
+    timeouts: Timeouts,
     cut: &CancellationToken,
     stats: &RawStats,
 ) -> Relayed
@@ -179,7 +185,7 @@ where
             Err(e) => End::Error(e),
         },
         _ = cut.cancelled() => End::Cut,
-        _ = idle_for(&last_ms, epoch, idle_timeout, &half_closed) => End::Idle,
+        _ = idle_for(&last_ms, epoch, timeouts, &half_closed) => End::Idle,
     };
     stats.active.dec();
     stats.bytes_upstream.inc_by(c.read);
@@ -211,11 +217,26 @@ mod tests {
         m.tcp("t")
     }
 
+    fn timeouts(idle: u64, half_closed: u64) -> Timeouts {
+        Timeouts {
+            idle: Duration::from_secs(idle),
+            half_closed: Duration::from_secs(half_closed),
+        }
+    }
+
     /// The client sends its request and its FIN; the upstream neither
-    /// answers nor closes. The relay ends after HALF_CLOSED_IDLE, not after
-    /// the hour of idle_timeout.
+    /// answers nor closes. The relay ends after half_close_timeout (the
+    /// default 60 s, and a configured 5 s), not after the hour of
+    /// idle_timeout.
     #[tokio::test(start_paused = true)]
     async fn a_half_closed_relay_ends_after_the_half_closed_limit() {
+        for half in [60, 5] {
+            half_closed_relay_ends_after(half).await;
+        }
+    }
+
+    async fn half_closed_relay_ends_after(half: u64) {
+        let limit = Duration::from_secs(half);
         let (client, mut app) = tokio::io::duplex(1024);
         let (upstream, mut server) = tokio::io::duplex(1024);
         app.write_all(b"request").await.unwrap();
@@ -223,7 +244,7 @@ mod tests {
         let started = Instant::now();
         let relay = tokio::spawn(async move {
             let cut = CancellationToken::new();
-            relay(client, upstream, Duration::from_secs(3600), &cut, &stats()).await
+            relay(client, upstream, timeouts(3600, half), &cut, &stats()).await
         });
         let mut got = [0u8; 7];
         server.read_exact(&mut got).await.unwrap();
@@ -231,10 +252,7 @@ mod tests {
         let r = relay.await.unwrap();
         assert!(matches!(r.end, End::Idle), "{:?}", r.end);
         let took = started.elapsed();
-        assert!(
-            took >= HALF_CLOSED_IDLE && took < HALF_CLOSED_IDLE * 2,
-            "ended after {took:?}"
-        );
+        assert!(took >= limit && took < limit * 2, "ended after {took:?}");
         drop(server);
     }
 
@@ -246,7 +264,7 @@ mod tests {
         let (upstream, _server) = tokio::io::duplex(1024);
         let started = Instant::now();
         let cut = CancellationToken::new();
-        let r = relay(client, upstream, Duration::from_secs(300), &cut, &stats()).await;
+        let r = relay(client, upstream, timeouts(300, 60), &cut, &stats()).await;
         assert!(matches!(r.end, End::Idle));
         assert!(started.elapsed() >= Duration::from_secs(300));
     }
