@@ -4,11 +4,15 @@
 //! allow list (the same matcher as forward mode), dials it through the
 //! dialer and relays bytes. A denied target gets `403` on its stream, an
 //! unreachable one `502`; the connection and its other streams carry on.
+//!
+//! Connections in their TLS handshake and connections past it are counted
+//! apart (`max_handshakes`, `max_connections`): peers that never finish a
+//! handshake cannot take the places of tunnel clients that did.
 
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,11 +21,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
 use crate::allow::{Denial, Host};
 use crate::config::{ListenerConfig, ServeConfig};
 use crate::forward::target::of_connect;
-use crate::listener::Drain;
+use crate::listener::{ClientLimit, Drain, LIMIT_WARN_EVERY};
 use crate::metrics::ServeStats;
 use crate::upstream::dialer::Dialer;
 
@@ -37,7 +43,25 @@ pub struct ServeServer {
     settings: RwLock<Settings>,
     /// Where `[serve]` listens: a CONNECT to it would loop.
     local: SocketAddr,
+    /// Connections in their TLS handshake. The accept loop's own limit is
+    /// the sum of both, so it never waits while either has room.
+    handshakes: Limit,
+    /// Connections past their handshake, until they end.
+    connections: Limit,
     pub stats: ServeStats,
+}
+
+/// One of the serve role's limits on connections. A connection over it is
+/// closed at once rather than queued: a queue would hold a socket for
+/// every peer that a stalled one keeps waiting.
+struct Limit {
+    places: ClientLimit,
+    /// The config key, for the warning.
+    key: &'static str,
+    /// The `loopmux_serve_refused_total` reason.
+    reason: &'static str,
+    /// A flood of refusals must not flood the log too.
+    last_warn: Mutex<Option<Instant>>,
 }
 
 fn settings(cfg: &ServeConfig) -> Settings {
@@ -71,6 +95,35 @@ fn text(status: StatusCode, kind: &'static str, body: String) -> Response<Full<B
     r
 }
 
+impl Limit {
+    fn new(max: usize, key: &'static str, reason: &'static str) -> Self {
+        Limit {
+            places: ClientLimit::new(max),
+            key,
+            reason,
+            last_warn: Mutex::new(None),
+        }
+    }
+
+    /// A place, or `None` (counted, and warned about at most once a
+    /// minute) at the limit.
+    fn take(&self, stats: &ServeStats, peer: Option<SocketAddr>) -> Option<OwnedSemaphorePermit> {
+        let place = self.places.try_acquire();
+        if place.is_none() {
+            stats.refused(self.reason);
+            let now = Instant::now();
+            let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
+            if last.map_or(true, |t| now.duration_since(t) >= LIMIT_WARN_EVERY) {
+                *last = Some(now);
+                tracing::warn!(client = ?peer, limit = self.key, max = self.places.max(), "serve: at serve.{}: new connections are closed at once", self.key);
+            } else {
+                tracing::debug!(client = ?peer, limit = self.key, "serve: connection refused at its limit");
+            }
+        }
+        place
+    }
+}
+
 impl ServeServer {
     pub fn new(lc: &ListenerConfig, local: SocketAddr, stats: ServeStats) -> Arc<ServeServer> {
         let cfg = lc
@@ -80,16 +133,20 @@ impl ServeServer {
         Arc::new(ServeServer {
             settings: RwLock::new(settings(cfg)),
             local,
+            handshakes: Limit::new(cfg.max_handshakes, "max_handshakes", "handshakes"),
+            connections: Limit::new(cfg.max_connections, "max_connections", "connections"),
             stats,
         })
     }
 
     /// A reload: new connections and streams use the new settings; open
-    /// ones carry on.
+    /// ones carry on. Lower limits apply as connections leave.
     pub fn reconfigure(&self, lc: &ListenerConfig) {
         let Some(cfg) = lc.serve.as_deref() else {
             return;
         };
+        self.handshakes.places.resize(cfg.max_handshakes);
+        self.connections.places.resize(cfg.max_connections);
         let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
         if *s.cfg != *cfg {
             *s = settings(cfg);
@@ -105,6 +162,9 @@ impl ServeServer {
     /// drain ends it; its streams' relays are tracked by the drain too.
     pub async fn serve(self: &Arc<Self>, stream: TcpStream, drain: &Arc<Drain>) {
         let peer = stream.peer_addr().ok();
+        let Some(handshake) = self.handshakes.take(&self.stats, peer) else {
+            return;
+        };
         // Stream openings and their answers are small frames that must not
         // wait for Nagle.
         let _ = stream.set_nodelay(true);
@@ -125,6 +185,10 @@ impl ServeServer {
                 tracing::warn!(client = ?peer, timeout = %humantime::format_duration(cfg.handshake_timeout), "serve: TLS handshake did not finish in time");
                 return;
             }
+        };
+        drop(handshake);
+        let Some(_place) = self.connections.take(&self.stats, peer) else {
+            return;
         };
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
