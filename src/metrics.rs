@@ -332,7 +332,7 @@ impl Metrics {
         );
         r.register(
             "serve_handshake_failures",
-            "TLS handshakes of tunnel clients that failed or timed out",
+            "Tunnel client connections whose TLS handshake or HTTP/2 preface failed or did not arrive within handshake_timeout",
             m.serve_handshake_failures.clone(),
         );
         r.register(

@@ -395,6 +395,69 @@ async fn a_handshake_over_max_connections_is_closed_at_once() {
     assert_eq!(exchange_half_closed(p, b"again").await.unwrap(), b"again");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_its_handshake_is_closed_within_handshake_timeout() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    let (_serve, peer, serve_admin) =
+        serve_role_with(&pki, &format!("\"{echo}\""), "handshake_timeout = \"1s\"\n").await;
+    let tcp = TcpStream::connect(peer).await.unwrap();
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(pki.mtls.clone())
+            .connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .expect("the handshake is not left waiting")
+    .expect("mTLS handshake");
+    // No HTTP/2 preface, no stream: nothing at all.
+    closed_within(tls, Duration::from_secs(5)).await;
+    assert!(metric(serve_admin, "loopmux_serve_handshake_failures_total", &[]).await >= 1.0);
+    until_serve_connections(serve_admin, 0.0, WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_streams_is_closed_after_idle_timeout_not_while_one_is_open() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    let (_serve, peer, serve_admin) =
+        serve_role_with(&pki, &format!("\"{echo}\""), "idle_timeout = \"2s\"\n").await;
+    let (client, p) = tunnel(&pki, peer, echo, true).await;
+    // One stream open for 1.5 idle_timeouts, moving a byte every 250 ms
+    // (so its relay's own idle timer does not end it).
+    let mut s = TcpStream::connect(p).await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..12u8 {
+        s.write_all(&[b'a' + i]).await.unwrap();
+        sent.push(b'a' + i);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, sent);
+    let connects = || -> u64 {
+        client.upstreams()[0]
+            .endpoints()
+            .iter()
+            .map(|e| e.connects.load(Ordering::Relaxed))
+            .sum()
+    };
+    assert_eq!(
+        connects(),
+        1,
+        "the connection was closed under an open stream"
+    );
+    // Now without a stream, the serve role closes it.
+    until_serve_connections(serve_admin, 0.0, WAIT).await;
+    // And the tunnel client opens a new one when it needs one.
+    assert_eq!(exchange_half_closed(p, b"later").await.unwrap(), b"later");
+    assert_eq!(connects(), 2);
+}
+
 #[test]
 fn serve_config_mistakes_are_named() {
     let pki = pki();

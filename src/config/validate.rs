@@ -89,9 +89,11 @@ pub struct ServeConfig {
     /// `max_connections`: unauthenticated peers cannot fill those.
     pub max_handshakes: usize,
     pub max_streams_per_connection: u32,
-    /// A stream with no byte either way for this long is closed.
+    /// A stream with no byte either way for this long is closed, and so is
+    /// a connection with no open stream.
     pub idle_timeout: Duration,
-    /// The TLS handshake must finish within this.
+    /// The TLS handshake and the client's HTTP/2 preface must both arrive
+    /// within this.
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub failure_backoff: Duration,
