@@ -93,6 +93,16 @@ impl ClientLimit {
         }
         *cur = max;
     }
+
+    /// A place now, or `None` at the limit: for a caller that refuses
+    /// rather than waits (the serve role's handshakes and connections).
+    pub fn try_acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
+    pub fn max(&self) -> usize {
+        *self.max.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A listener's drain, as every connection of every mode sees it.
@@ -188,7 +198,7 @@ impl Handler {
 }
 
 /// A warning at most this often while a listener sits at its limit.
-const LIMIT_WARN_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const LIMIT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Waits for a place under `max_clients`. At the limit it says so: the
 /// gauge, the time counter, and a rate-limited warning.
@@ -207,7 +217,7 @@ async fn admit(
     let now = tokio::time::Instant::now();
     if last_warn.map_or(true, |t| now.duration_since(t) >= LIMIT_WARN_EVERY) {
         *last_warn = Some(now);
-        let max = *limit.max.lock().unwrap_or_else(|p| p.into_inner());
+        let max = limit.max();
         tracing::warn!(listener = %name, max_clients = max, "listener at max_clients: new clients wait in the kernel backlog");
     }
     stats.at_limit.set(1);

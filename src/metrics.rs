@@ -111,7 +111,8 @@ impl InterceptStats {
 pub const MAX_TARGET_LABELS: usize = 1000;
 
 impl ServeStats {
-    /// A stream refused: `denied`, `unreachable` or `bad-request`.
+    /// A stream refused (`denied`, `unreachable`, `bad-request`), or a
+    /// connection at a limit (`handshakes`, `connections`).
     pub fn refused(&self, reason: &str) {
         self.refused
             .get_or_create(&vec![("reason", reason.to_string())])
@@ -321,7 +322,7 @@ impl Metrics {
         );
         r.register(
             "serve_refused",
-            "CONNECT streams the serve role refused, by reason (denied, unreachable, bad-request)",
+            "CONNECT streams (denied, unreachable, bad-request) and tunnel client connections (handshakes: at max_handshakes; connections: at max_connections) the serve role refused, by reason",
             m.serve_refused.clone(),
         );
         r.register(
@@ -331,7 +332,7 @@ impl Metrics {
         );
         r.register(
             "serve_handshake_failures",
-            "TLS handshakes of tunnel clients that failed or timed out",
+            "Tunnel client connections whose TLS handshake or HTTP/2 preface failed or did not arrive within handshake_timeout",
             m.serve_handshake_failures.clone(),
         );
         r.register(

@@ -7,9 +7,10 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use support::pki::{Ca, Dir};
+use support::pki::{self, Ca, Dir};
 use support::raw_upstream::metric;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +25,8 @@ struct Pki {
     server_key: String,
     client_cert: String,
     client_key: String,
+    /// A raw TLS client with the tunnel client's certificate (ALPN h2).
+    mtls: Arc<rustls::ClientConfig>,
 }
 
 fn pki() -> Pki {
@@ -32,6 +35,7 @@ fn pki() -> Pki {
     let server = ca.server(&["localhost"], false);
     let client = ca.client("tunnel-client");
     Pki {
+        mtls: pki::client_config(&ca, Some(&client)),
         ca_file: dir.write("ca.pem", &ca.pem),
         server_cert: dir.write("server.pem", &server.cert_pem),
         server_key: dir.write("server.key", &server.key_pem),
@@ -44,9 +48,18 @@ fn pki() -> Pki {
 /// The serve role allowing `allow`; returns the app, its address and its
 /// admin address.
 async fn serve_role(p: &Pki, allow: &str) -> (loopmux::app::App, SocketAddr, SocketAddr) {
+    serve_role_with(p, allow, "").await
+}
+
+/// As [`serve_role`], with `extra` lines in `[serve]`.
+async fn serve_role_with(
+    p: &Pki,
+    allow: &str,
+    extra: &str,
+) -> (loopmux::app::App, SocketAddr, SocketAddr) {
     let toml = format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n\n[serve]\nbind = \"127.0.0.1:0\"\nallow = [{allow}]\n\
-         tls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n",
+         tls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n{extra}",
         p.server_cert, p.server_key, p.ca_file
     );
     let (app, addr) = start(&toml).await;
@@ -236,6 +249,215 @@ async fn the_serve_drain_cuts_open_streams_at_the_deadline() {
     );
 }
 
+/// The first 5 bytes of a ClientHello (a handshake record's header,
+/// promising 512 bytes that never come).
+const CLIENT_HELLO_START: [u8; 5] = [0x16, 0x03, 0x01, 0x02, 0x00];
+
+/// `n` connections to `peer` that start a TLS handshake and stall.
+async fn stalled_handshakes(peer: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(peer).await.unwrap();
+        s.write_all(&CLIENT_HELLO_START).await.unwrap();
+        held.push(s);
+    }
+    held
+}
+
+/// The serve role's open connections (in their handshake or past it).
+async fn serve_connections(admin: SocketAddr) -> f64 {
+    metric(
+        admin,
+        "loopmux_listener_connections_active",
+        &[("listener", "serve")],
+    )
+    .await
+}
+
+/// Polls until the serve role has `want` connections open, for at most
+/// `within`; returns how many it has.
+async fn serve_connections_reach(admin: SocketAddr, want: f64, within: Duration) -> f64 {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        let now = serve_connections(admin).await;
+        if now == want || tokio::time::Instant::now() >= end {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// As [`serve_connections_reach`], and fails the test if it does not.
+async fn until_serve_connections(admin: SocketAddr, want: f64, within: Duration) {
+    let now = serve_connections_reach(admin, want, within).await;
+    assert_eq!(
+        now, want,
+        "the serve role has {now} connections open, not {want}, after {within:?}"
+    );
+}
+
+/// Reads until the serve role closes the connection (EOF, or the reset or
+/// missing close_notify of a dropped one); panics if it is still open after
+/// `within`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(mut s: S, within: Duration) {
+    let mut sink = Vec::new();
+    let r = tokio::time::timeout(within, s.read_to_end(&mut sink)).await;
+    assert!(
+        r.is_ok(),
+        "the serve role left the connection open for {within:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_do_not_lock_a_tunnel_client_out() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    // Handshakes that stall for longer than the test lasts, and room for
+    // fewer connections than there are stalled peers.
+    let (_serve, peer, serve_admin) = serve_role_with(
+        &pki,
+        &format!("\"{echo}\""),
+        "max_connections = 2\nhandshake_timeout = \"60s\"\n",
+    )
+    .await;
+    let _held = stalled_handshakes(peer, 16).await;
+    // Today's code accepts only 2 of them: give it the time, not a pass.
+    serve_connections_reach(serve_admin, 16.0, Duration::from_secs(2)).await;
+    let (_client, p) = tunnel(&pki, peer, echo, true).await;
+    let back = exchange_half_closed(p, b"through")
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        back, b"through",
+        "16 stalled handshakes locked the tunnel client out"
+    );
+    assert_eq!(serve_connections(serve_admin).await, 17.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_max_handshakes_is_closed_at_once_and_tunnels_carry_on() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    let (_serve, peer, serve_admin) = serve_role_with(
+        &pki,
+        &format!("\"{echo}\""),
+        "max_connections = 2\nmax_handshakes = 4\nhandshake_timeout = \"60s\"\n",
+    )
+    .await;
+    let (_client, p) = tunnel(&pki, peer, echo, true).await;
+    assert_eq!(exchange_half_closed(p, b"before").await.unwrap(), b"before");
+    let _held = stalled_handshakes(peer, 4).await;
+    until_serve_connections(serve_admin, 5.0, WAIT).await;
+    let mut fifth = TcpStream::connect(peer).await.unwrap();
+    let _ = fifth.write_all(&CLIENT_HELLO_START).await;
+    closed_within(fifth, Duration::from_secs(5)).await;
+    assert_eq!(
+        metric(
+            serve_admin,
+            "loopmux_serve_refused_total",
+            &[("reason", "handshakes")]
+        )
+        .await,
+        1.0
+    );
+    // The tunnel's connection, past its handshake, holds no handshake
+    // place: its streams carry on, new ones too.
+    assert_eq!(exchange_half_closed(p, b"after").await.unwrap(), b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_over_max_connections_is_closed_at_once() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    let (_serve, peer, serve_admin) =
+        serve_role_with(&pki, &format!("\"{echo}\""), "max_connections = 1\n").await;
+    let (_client, p) = tunnel(&pki, peer, echo, true).await;
+    assert_eq!(exchange_half_closed(p, b"first").await.unwrap(), b"first");
+    let tcp = TcpStream::connect(peer).await.unwrap();
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(pki.mtls.clone())
+            .connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .expect("the handshake is not left waiting")
+    .expect("the handshake itself succeeds");
+    closed_within(tls, Duration::from_secs(5)).await;
+    assert_eq!(
+        metric(
+            serve_admin,
+            "loopmux_serve_refused_total",
+            &[("reason", "connections")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(exchange_half_closed(p, b"again").await.unwrap(), b"again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_its_handshake_is_closed_within_handshake_timeout() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    let (_serve, peer, serve_admin) =
+        serve_role_with(&pki, &format!("\"{echo}\""), "handshake_timeout = \"1s\"\n").await;
+    let tcp = TcpStream::connect(peer).await.unwrap();
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(pki.mtls.clone())
+            .connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .expect("the handshake is not left waiting")
+    .expect("mTLS handshake");
+    // No HTTP/2 preface, no stream: nothing at all.
+    closed_within(tls, Duration::from_secs(5)).await;
+    assert!(metric(serve_admin, "loopmux_serve_handshake_failures_total", &[]).await >= 1.0);
+    until_serve_connections(serve_admin, 0.0, WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_streams_is_closed_after_idle_timeout_not_while_one_is_open() {
+    let pki = pki();
+    let echo = echo_after_eof().await;
+    let (_serve, peer, serve_admin) =
+        serve_role_with(&pki, &format!("\"{echo}\""), "idle_timeout = \"2s\"\n").await;
+    let (client, p) = tunnel(&pki, peer, echo, true).await;
+    // One stream open for 1.5 idle_timeouts, moving a byte every 250 ms
+    // (so its relay's own idle timer does not end it).
+    let mut s = TcpStream::connect(p).await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..12u8 {
+        s.write_all(&[b'a' + i]).await.unwrap();
+        sent.push(b'a' + i);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, sent);
+    let connects = || -> u64 {
+        client.upstreams()[0]
+            .endpoints()
+            .iter()
+            .map(|e| e.connects.load(Ordering::Relaxed))
+            .sum()
+    };
+    assert_eq!(
+        connects(),
+        1,
+        "the connection was closed under an open stream"
+    );
+    // Now without a stream, the serve role closes it.
+    until_serve_connections(serve_admin, 0.0, WAIT).await;
+    // And the tunnel client opens a new one when it needs one.
+    assert_eq!(exchange_half_closed(p, b"later").await.unwrap(), b"later");
+    assert_eq!(connects(), 2);
+}
+
 #[test]
 fn serve_config_mistakes_are_named() {
     let pki = pki();
@@ -271,6 +493,10 @@ fn serve_config_mistakes_are_named() {
         (
             format!("[serve]\nbind = \"127.0.0.1:0\"\nallow = [\"a.b:1\"]\nallow_unauthenticated = true\n{tls_full}\n"),
             "serve.allow_unauthenticated: contradicts tls.client_ca",
+        ),
+        (
+            format!("[serve]\nbind = \"127.0.0.1:0\"\nallow = [\"a.b:1\"]\nmax_handshakes = 0\n{tls_full}\n"),
+            "serve.max_handshakes: 0 is out of range",
         ),
         (
             format!("[serve]\nbind = \"127.0.0.1:0\"\nallow = [\"a.b:1\"]\ntls = {{ cert = \"/nonexistent.pem\", key = \"{}\", client_ca = \"{}\" }}\n", pki.server_key, pki.ca_file),

@@ -300,6 +300,7 @@ pub struct RawServe {
     pub allow: Field<Vec<String>>,
     pub allow_unauthenticated: Field<bool>,
     pub max_connections: Field<usize>,
+    pub max_handshakes: Field<usize>,
     pub max_streams_per_connection: Field<usize>,
     pub idle_timeout: Field<String>,
     pub half_close_timeout: Field<String>,

@@ -518,3 +518,72 @@ fn half_close_timeout_is_checked_where_it_applies() {
         "{e}"
     );
 }
+
+/// A valid `[serve]` section: a self-signed certificate (its own client
+/// CA too) written to a fresh directory, which the caller removes.
+fn serve_section(extra: &str) -> (std::path::PathBuf, String) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "loopmux-config-tests-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let toml = format!(
+        "[serve]\nbind = \"127.0.0.1:0\"\nallow = [\"a.b:1\"]\n{extra}\n\
+         tls = {{ cert = \"{c}\", key = \"{k}\", client_ca = \"{c}\" }}\n",
+        c = c.display(),
+        k = k.display()
+    );
+    (dir, toml)
+}
+
+#[test]
+fn serve_handshakes_are_a_limit_of_their_own() {
+    let (dir, toml) = serve_section("");
+    let c = load(&toml).unwrap();
+    let (dir2, toml2) = serve_section("max_connections = 3\nmax_handshakes = 5");
+    let c2 = load(&toml2);
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir2).unwrap();
+    let s = c.listeners[0].serve.as_deref().unwrap();
+    // The README's defaults.
+    assert_eq!((s.max_connections, s.max_handshakes), (1024, 1024));
+    assert_eq!(c.listeners[0].max_clients, 2048);
+    // The accept loop bounds the serve role's sockets: both limits.
+    let c2 = c2.unwrap();
+    let s2 = c2.listeners[0].serve.as_deref().unwrap();
+    assert_eq!((s2.max_connections, s2.max_handshakes), (3, 5));
+    assert_eq!(c2.listeners[0].max_clients, 8);
+}
+
+#[test]
+fn serve_max_handshakes_is_checked() {
+    // Without tls the section fails too, but every key's own problem is
+    // still named.
+    let serve = "[serve]\nbind = \"127.0.0.1:0\"\nallow = [\"a.b:1\"]\n";
+    for (bad, want) in [
+        (
+            "max_handshakes = 0",
+            "serve.max_handshakes: 0 is out of range",
+        ),
+        (
+            "max_handshakes = 1000001",
+            "serve.max_handshakes: 1000001 is out of range",
+        ),
+        ("max_handshakes = \"64\"", "serve.max_handshakes: expected"),
+    ] {
+        let e = problems(&format!("{serve}{bad}\n"));
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+    let e = problems(&format!("{serve}max_handshakes = 64\n"));
+    assert!(!e.contains("max_handshakes"), "{e}");
+}

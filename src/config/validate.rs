@@ -83,10 +83,17 @@ pub struct InterceptConfig {
 pub struct ServeConfig {
     pub tls: crate::serve::tls::TlsServer,
     pub allow: AllowList,
+    /// Tunnel client connections past their handshake.
+    pub max_connections: usize,
+    /// Connections still in their TLS handshake, counted apart from
+    /// `max_connections`: unauthenticated peers cannot fill those.
+    pub max_handshakes: usize,
     pub max_streams_per_connection: u32,
-    /// A stream with no byte either way for this long is closed.
+    /// A stream with no byte either way for this long is closed, and so is
+    /// a connection with no open stream.
     pub idle_timeout: Duration,
-    /// The TLS handshake must finish within this.
+    /// The TLS handshake and the client's HTTP/2 preface must both arrive
+    /// within this.
     pub handshake_timeout: Duration,
     /// A stream's relay after one side's FIN (see
     /// [`ListenerConfig::half_close_timeout`]).
@@ -1356,6 +1363,9 @@ fn forward(
 mod serve_defaults {
     use std::time::Duration;
     pub const MAX_CONNECTIONS: usize = 1024;
+    /// As many as `MAX_CONNECTIONS`: every client reconnecting at once
+    /// after a restart still gets its handshake.
+    pub const MAX_HANDSHAKES: usize = 1024;
     pub const MAX_STREAMS: usize = 1000;
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1438,6 +1448,12 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
         serve_defaults::MAX_CONNECTIONS,
         1..=limits::MAX_CLIENTS,
     );
+    let max_handshakes = c.count(
+        k("max_handshakes"),
+        &s.max_handshakes,
+        serve_defaults::MAX_HANDSHAKES,
+        1..=limits::MAX_CLIENTS,
+    );
     let max_streams = c.count(
         k("max_streams_per_connection"),
         &s.max_streams_per_connection,
@@ -1451,6 +1467,8 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
     let cfg = ServeConfig {
         tls: tls?,
         allow: allow?,
+        max_connections,
+        max_handshakes,
         max_streams_per_connection: max_streams,
         idle_timeout: c.duration(
             k("idle_timeout"),
@@ -1499,7 +1517,9 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
         forward: None,
         client_keepalive: true,
         header_timeout: cfg.handshake_timeout,
-        max_clients: max_connections,
+        // Every socket the serve role holds: the role itself splits them
+        // into handshakes and connections past theirs.
+        max_clients: max_connections + max_handshakes,
         max_header_bytes: defaults::MAX_HEADER_BYTES,
         access_log: false,
         request_buffer_bytes: 0,

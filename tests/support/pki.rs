@@ -1,7 +1,7 @@
 //! Test certificates made with rcgen: a CA, server certificates (good,
 //! expired, for another name, from another CA), a client certificate, and
-//! rustls server configs over them. Files go to a fresh directory under the
-//! system temp dir, removed on drop.
+//! rustls server and client configs over them. Files go to a fresh
+//! directory under the system temp dir, removed on drop.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,6 +104,32 @@ pub fn server_config(leaf: &Leaf, client_ca: Option<&Ca>) -> Arc<rustls::ServerC
     };
     let mut cfg = b.with_single_cert(chain, key).unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// A rustls client config trusting `ca`, offering h2; with `identity`, it
+/// presents that client certificate (mTLS).
+pub fn client_config(ca: &Ca, identity: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        None => b.with_no_client_auth(),
+        Some(leaf) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(cfg)
 }
 
