@@ -47,6 +47,15 @@ pub enum ConnectError {
         reason: &'static str,
         source: std::io::Error,
     },
+    /// The README's TLS failure `timeout`: a server that took the
+    /// ClientHello and never answered is a TLS problem to the operator,
+    /// not a dial one.
+    #[error("TLS handshake with {addr} (server name {server_name}) failed: timeout: not done when connect_timeout ({}) ran out", humantime::format_duration(*timeout))]
+    TlsTimeout {
+        addr: SocketAddr,
+        server_name: String,
+        timeout: Duration,
+    },
     #[error("{addr} (server name {server_name}) did not agree to HTTP/2 (ALPN gave {offered})")]
     NoH2 {
         addr: SocketAddr,
@@ -68,9 +77,13 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// The TLS failure's reason, for the `x-loopmux-error: tls` answer.
+    /// Whether TLS failed (the handshake, its deadline, or ALPN): the
+    /// `x-loopmux-error: tls` answer, with the reason in its text.
     pub fn is_tls(&self) -> bool {
-        matches!(self, ConnectError::Tls { .. } | ConnectError::NoH2 { .. })
+        matches!(
+            self,
+            ConnectError::Tls { .. } | ConnectError::TlsTimeout { .. } | ConnectError::NoH2 { .. }
+        )
     }
 }
 
@@ -166,9 +179,9 @@ impl Connector {
                         }
                         Err(_) => {
                             ep.record_tls_failure("timeout");
-                            return Err(ConnectError::Timeout {
+                            return Err(ConnectError::TlsTimeout {
                                 addr: ep.addr,
-                                stage: "TLS handshake",
+                                server_name: shown,
                                 timeout: self.connect_timeout,
                             });
                         }

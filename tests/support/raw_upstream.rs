@@ -305,3 +305,59 @@ pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f
         })
         .sum()
 }
+
+/// A peer that accepts, reads whatever comes, and never writes a byte: a
+/// TLS server stuck after the ClientHello, or an HTTP/2 server that never
+/// sends its SETTINGS. With `tls`, it first finishes a real handshake
+/// (ALPN as that config offers), then goes silent the same way.
+pub struct SilentPeer {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SilentPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SilentPeer {
+    pub async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> SilentPeer {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                a.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
+                tokio::spawn(tokio::time::timeout(Duration::from_secs(30), async move {
+                    match tls {
+                        None => drain(s).await,
+                        Some(cfg) => {
+                            if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(s).await {
+                                drain(s).await;
+                            }
+                        }
+                    }
+                }));
+            }
+        });
+        SilentPeer {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+async fn drain(mut s: impl tokio::io::AsyncRead + Unpin) {
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
