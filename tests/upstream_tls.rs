@@ -349,3 +349,31 @@ async fn a_tls_handshake_that_never_finishes_is_the_tls_failure_timeout() {
         panic!("{p}");
     }
 }
+
+/// `protocol = "http2"` and a server whose ALPN does not offer h2: the
+/// reason word `no-application-protocol`, whether the server says so
+/// with an alert (it offers only http/1.1) or picks nothing (no ALPN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_without_alpn_h2_is_the_tls_failure_no_application_protocol() {
+    let ca = Ca::new("loopmux test CA");
+    let dir = Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let with_alpn = |alpn: &[&[u8]]| {
+        let mut cfg = (*good(&ca)).clone();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        std::sync::Arc::new(cfg)
+    };
+    let mut failures = Vec::new();
+    for (name, alpn) in [
+        ("no ALPN", &[][..]),
+        ("ALPN http/1.1 only", &[&b"http/1.1"[..]][..]),
+    ] {
+        let o = tls_origin(with_alpn(alpn)).await;
+        if let Some(p) =
+            tls_failure_problems(o.addr, "http2", &ca_file, "no-application-protocol").await
+        {
+            failures.push(format!("{name}: {p}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+}

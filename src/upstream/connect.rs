@@ -56,7 +56,9 @@ pub enum ConnectError {
         server_name: String,
         timeout: Duration,
     },
-    #[error("{addr} (server name {server_name}) did not agree to HTTP/2 (ALPN gave {offered})")]
+    /// `protocol = "http2"` and the server chose no ALPN protocol (or one
+    /// that is not h2): the reason word the metric counts it under.
+    #[error("TLS handshake with {addr} (server name {server_name}) failed: no-application-protocol: the server did not agree to HTTP/2 (ALPN gave {offered})")]
     NoH2 {
         addr: SocketAddr,
         server_name: String,
