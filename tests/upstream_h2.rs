@@ -291,3 +291,64 @@ async fn goaway_moves_new_requests_to_a_new_connection() {
     let snap = app.upstreams()[0].endpoints()[0].pool.snapshot();
     assert!(snap.open <= 2, "{snap:?}");
 }
+
+/// `connect_timeout` covers the protocol handshake (README): an h2
+/// server that accepts and never sends its SETTINGS gets 502 `connect`
+/// within it, plain or after TLS with ALPN h2, not 504 after
+/// `request_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_server_that_never_sends_settings_is_a_connect_timeout() {
+    let ca = support::pki::Ca::new("loopmux test CA");
+    let dir = support::pki::Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let tls_cfg = support::pki::server_config(&ca.server(&["localhost"], false), None);
+    let cases = [
+        (
+            "h2c",
+            raw_upstream::SilentPeer::start(None).await,
+            String::new(),
+        ),
+        (
+            "TLS, ALPN h2",
+            raw_upstream::SilentPeer::start(Some(tls_cfg)).await,
+            format!("tls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}"),
+        ),
+    ];
+    for (name, peer, tls) in &cases {
+        let (app, addr) = start(&one_upstream(
+            peer.addr,
+            "",
+            &format!(
+                "protocol = \"http2\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"10s\"\n{tls}"
+            ),
+        ))
+        .await;
+        let begun = std::time::Instant::now();
+        let seen = raw_upstream::exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+            Duration::from_secs(15),
+        )
+        .await;
+        let waited = begun.elapsed();
+        assert_eq!(seen.status, 502, "{name}: {}", seen.head);
+        assert_eq!(
+            seen.header("x-loopmux-error").as_deref(),
+            Some("connect"),
+            "{name}: {}",
+            seen.head
+        );
+        let body = String::from_utf8_lossy(&seen.body);
+        assert!(
+            body.contains("SETTINGS") && body.contains("300ms"),
+            "{name}: {body}"
+        );
+        // Far below request_timeout (10 s); generous for a loaded machine.
+        assert!(
+            waited < Duration::from_secs(5),
+            "{name}: answered after {waited:?}"
+        );
+        assert_eq!(peer.accepted.load(Ordering::SeqCst), 1, "{name}");
+        app.stop(Duration::from_secs(1)).await;
+    }
+}
