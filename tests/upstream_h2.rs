@@ -291,3 +291,148 @@ async fn goaway_moves_new_requests_to_a_new_connection() {
     let snap = app.upstreams()[0].endpoints()[0].pool.snapshot();
     assert!(snap.open <= 2, "{snap:?}");
 }
+
+/// `connect_timeout` covers the protocol handshake (README): an h2
+/// server that accepts and never sends its SETTINGS gets 502 `connect`
+/// within it, plain or after TLS with ALPN h2, not 504 after
+/// `request_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_server_that_never_sends_settings_is_a_connect_timeout() {
+    let ca = support::pki::Ca::new("loopmux test CA");
+    let dir = support::pki::Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let tls_cfg = support::pki::server_config(&ca.server(&["localhost"], false), None);
+    let cases = [
+        (
+            "h2c",
+            raw_upstream::SilentPeer::start(None).await,
+            String::new(),
+        ),
+        (
+            "TLS, ALPN h2",
+            raw_upstream::SilentPeer::start(Some(tls_cfg)).await,
+            format!("tls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}"),
+        ),
+    ];
+    for (name, peer, tls) in &cases {
+        let (app, addr) = start(&one_upstream(
+            peer.addr,
+            "",
+            &format!(
+                "protocol = \"http2\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"10s\"\n{tls}"
+            ),
+        ))
+        .await;
+        let begun = std::time::Instant::now();
+        let seen = raw_upstream::exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+            Duration::from_secs(15),
+        )
+        .await;
+        let waited = begun.elapsed();
+        assert_eq!(seen.status, 502, "{name}: {}", seen.head);
+        assert_eq!(
+            seen.header("x-loopmux-error").as_deref(),
+            Some("connect"),
+            "{name}: {}",
+            seen.head
+        );
+        let body = String::from_utf8_lossy(&seen.body);
+        assert!(
+            body.contains("SETTINGS") && body.contains("300ms"),
+            "{name}: {body}"
+        );
+        // Far below request_timeout (10 s); generous for a loaded machine.
+        assert!(
+            waited < Duration::from_secs(5),
+            "{name}: answered after {waited:?}"
+        );
+        assert_eq!(peer.accepted.load(Ordering::SeqCst), 1, "{name}");
+        app.stop(Duration::from_secs(1)).await;
+    }
+}
+
+/// DESIGN invariant 11 (a window that never opens): an h2 upstream whose
+/// flow-control window stays 0 takes no byte of a streamed upload, and
+/// after `body_timeout` the client gets 504 `upstream-stall`, not silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_window_that_never_opens_is_an_upstream_stall() {
+    let peer = raw_upstream::ZeroWindowH2::start().await;
+    let (_app, addr) = start(&one_upstream(
+        peer.addr,
+        "",
+        "protocol = \"http2\"\nbody_timeout = \"1s\"\nrequest_timeout = \"10s\"\nconnect_timeout = \"2s\"",
+    ))
+    .await;
+    // 1 MiB: over request_buffer_bytes (64 KiB), so it streams.
+    let len = 1 << 20;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
+        let _ = wr.write_all(head.as_bytes()).await;
+        // Blocks once loopmux stops reading: the upload cannot move.
+        let _ = wr.write_all(&vec![b'x'; len]).await;
+        wr
+    });
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(15), async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    let head = String::from_utf8_lossy(&out).into_owned();
+    assert!(read.is_ok(), "no response within 15 s: {head:?}");
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert_eq!(
+        raw_upstream::header(&head, "x-loopmux-error").as_deref(),
+        Some("upstream-stall"),
+        "{head}"
+    );
+    assert_eq!(
+        peer.streams.load(Ordering::SeqCst),
+        1,
+        "the request reached the peer"
+    );
+}
+
+/// The other side of the rule above: an upload whose client pauses
+/// longer than the upstream's `body_timeout` is not the upstream's stall
+/// (the listener's `body_timeout` times the client). The origin answers
+/// once it has read the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_upload_over_h2_is_not_an_upstream_stall() {
+    let o = h2_origin(None).await;
+    let (_app, addr) = start(&one_upstream(
+        o.addr,
+        "",
+        "protocol = \"http2\"\nbody_timeout = \"1s\"",
+    ))
+    .await;
+    let body = vec![b'x'; 200_000];
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Over request_buffer_bytes at once (so it streams), then two pauses
+    // of 1.5 s, each longer than the upstream's body_timeout.
+    for part in [&body[..100_000], &body[100_000..150_000], &body[150_000..]] {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if let Err(e) = s.write_all(part).await {
+            let seen = raw_upstream::read_response(&mut s, Duration::from_secs(1)).await;
+            panic!("the upload was cut ({e}): {}", seen.head);
+        }
+    }
+    let seen = raw_upstream::read_response(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(seen.status, 200, "{}", seen.head);
+    assert_eq!(seen.body, b"ok\n");
+}

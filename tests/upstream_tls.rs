@@ -275,3 +275,105 @@ async fn nghttpx_tls_h2_upstream_carries_pooled_requests() {
         out.len()
     );
 }
+
+/// Requests `/` through a loopmux in front of `endpoint` (TLS with the
+/// test CA, server name `localhost`, `connect_timeout = "300ms"`) and
+/// returns what is wrong with the answer: it must be a 502 with
+/// `x-loopmux-error: tls`, the reason word, the server name and the
+/// upstream in the body, well before `request_timeout`, and the failure
+/// counted under that reason.
+async fn tls_failure_problems(
+    endpoint: SocketAddr,
+    protocol: &str,
+    ca_file: &str,
+    reason: &str,
+) -> Option<String> {
+    let toml = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{}",
+        one_upstream(
+            endpoint,
+            "",
+            &format!(
+                "protocol = \"{protocol}\"\nconnect_timeout = \"300ms\"\nrequest_timeout = \"10s\"\ntls = {{ ca_file = \"{ca_file}\", server_name = \"localhost\" }}"
+            ),
+        )
+    );
+    let (app, addr) = start(&toml).await;
+    let begun = std::time::Instant::now();
+    let seen = support::raw_upstream::exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+        Duration::from_secs(15),
+    )
+    .await;
+    let waited = begun.elapsed();
+    let body = String::from_utf8_lossy(&seen.body).into_owned();
+    let mut problems = Vec::new();
+    if !(seen.status == 502
+        && seen.header("x-loopmux-error").as_deref() == Some("tls")
+        && body.contains(reason)
+        && body.contains("localhost")
+        && body.contains("upstream \"u\""))
+    {
+        problems.push(format!(
+            "wanted a 502 tls naming {reason}:\n{}{body}",
+            seen.head
+        ));
+    }
+    // Far below request_timeout (10 s); generous for a loaded machine.
+    if waited >= Duration::from_secs(5) {
+        problems.push(format!("answered after {waited:?}"));
+    }
+    let counted = support::raw_upstream::metric(
+        app.admin_addr.unwrap(),
+        "loopmux_upstream_tls_handshake_failures_total",
+        &[("reason", reason)],
+    )
+    .await;
+    if counted < 1.0 {
+        problems.push(format!("no failure metric with reason {reason}"));
+    }
+    app.stop(Duration::from_secs(1)).await;
+    (!problems.is_empty()).then(|| problems.join("\n"))
+}
+
+/// A server that reads the ClientHello and never answers: the README's
+/// TLS failure `timeout`, not a bare connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_never_finishes_is_the_tls_failure_timeout() {
+    let ca = Ca::new("loopmux test CA");
+    let dir = Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let silent = support::raw_upstream::SilentPeer::start(None).await;
+    if let Some(p) = tls_failure_problems(silent.addr, "auto", &ca_file, "timeout").await {
+        panic!("{p}");
+    }
+}
+
+/// `protocol = "http2"` and a server whose ALPN does not offer h2: the
+/// reason word `no-application-protocol`, whether the server says so
+/// with an alert (it offers only http/1.1) or picks nothing (no ALPN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_without_alpn_h2_is_the_tls_failure_no_application_protocol() {
+    let ca = Ca::new("loopmux test CA");
+    let dir = Dir::new();
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let with_alpn = |alpn: &[&[u8]]| {
+        let mut cfg = (*good(&ca)).clone();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        std::sync::Arc::new(cfg)
+    };
+    let mut failures = Vec::new();
+    for (name, alpn) in [
+        ("no ALPN", &[][..]),
+        ("ALPN http/1.1 only", &[&b"http/1.1"[..]][..]),
+    ] {
+        let o = tls_origin(with_alpn(alpn)).await;
+        if let Some(p) =
+            tls_failure_problems(o.addr, "http2", &ca_file, "no-application-protocol").await
+        {
+            failures.push(format!("{name}: {p}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+}

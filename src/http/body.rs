@@ -8,9 +8,10 @@
 //! ends the client connection without a clean end when the bytes cannot
 //! match what the head promised (invariant 9).
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::AccessRecord;
 use crate::stall::Progress;
@@ -43,7 +45,16 @@ pub enum ClientBodyError {
 pub struct Watch {
     state: AtomicU8,
     ended: Notify,
+    /// Set by [`Watch::upstream_stall`] (HTTP/2 only): the zero of
+    /// `upstream_turn`. Unset, the body records nothing.
+    epoch: OnceLock<Instant>,
+    /// Milliseconds after `epoch` since which the upstream has had a frame
+    /// and not asked for the next, or [`CLIENT_TURN`] while the body waits
+    /// for the client (whose stalls the body times itself).
+    upstream_turn: AtomicU64,
 }
+
+const CLIENT_TURN: u64 = u64::MAX;
 
 const RUNNING: u8 = 0;
 const ENDED: u8 = 1;
@@ -84,6 +95,48 @@ impl Watch {
     pub async fn finished(&self) {
         if self.upload() == Upload::Running {
             self.ended.notified().await;
+        }
+    }
+
+    /// Resolves once the upstream has left this upload's next frame
+    /// untaken for `timeout`. Over HTTP/2, flow control holds the frame
+    /// (a window that never opens) with no socket write pending, so
+    /// [`StallIo`](crate::stall::StallIo) sees nothing, and hyper stops
+    /// polling the body, so its own deadline never runs. The clock starts
+    /// when this is called, before the request is sent (the first frame
+    /// waits for the window too); time spent waiting for the client does
+    /// not count. Call it once per upload; the future is cancel-safe.
+    pub fn upstream_stall(&self, timeout: Duration) -> impl Future<Output = ()> + '_ {
+        let epoch = *self.epoch.get_or_init(Instant::now);
+        async move {
+            loop {
+                let since = self.upstream_turn.load(Ordering::Relaxed);
+                let wake = if since == CLIENT_TURN {
+                    Instant::now() + timeout
+                } else {
+                    let deadline = epoch + Duration::from_millis(since) + timeout;
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    deadline
+                };
+                tokio::time::sleep_until(wake).await;
+            }
+        }
+    }
+
+    /// The upstream's turn: it has a frame and must ask for the next.
+    fn handed(&self) {
+        if let Some(epoch) = self.epoch.get() {
+            let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(CLIENT_TURN - 1);
+            self.upstream_turn.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The client's turn: the body waits for its bytes.
+    fn awaiting_client(&self) {
+        if self.epoch.get().is_some() {
+            self.upstream_turn.store(CLIENT_TURN, Ordering::Relaxed);
         }
     }
 }
@@ -272,11 +325,13 @@ impl Streaming {
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         if let Some(p) = self.prefix.take() {
             self.progress.moved();
+            self.watch.handed();
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 self.progress.moved();
+                self.watch.handed();
                 if self.inner.is_end_stream() {
                     self.watch.set(ENDED);
                 }
@@ -290,13 +345,16 @@ impl Streaming {
                 self.watch.set(CLIENT_ERROR);
                 Poll::Ready(Some(Err(ClientBodyError::Read(e))))
             }
-            Poll::Pending => match self.progress.poll_stalled(cx) {
-                Poll::Ready(()) => {
-                    self.watch.set(CLIENT_STALL);
-                    Poll::Ready(Some(Err(ClientBodyError::Stalled(self.progress.timeout()))))
+            Poll::Pending => {
+                self.watch.awaiting_client();
+                match self.progress.poll_stalled(cx) {
+                    Poll::Ready(()) => {
+                        self.watch.set(CLIENT_STALL);
+                        Poll::Ready(Some(Err(ClientBodyError::Stalled(self.progress.timeout()))))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 }
@@ -468,5 +526,66 @@ impl Drop for RespStream {
         // A body with nothing to read (HEAD, 204, 304) is never polled.
         let whole = !self.failed && (self.ended || self.inner.is_end_stream());
         self.lease.release(whole);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// The upstream has the first frame from the start (a window of 0
+    /// from the first byte): a stall `T` after the clock started.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_never_taken_is_a_stall_after_the_timeout() {
+        let w = Watch::default();
+        let began = Instant::now();
+        w.upstream_stall(T).await;
+        assert_eq!(began.elapsed(), T);
+    }
+
+    /// Frames taken every 3 s never make a 5 s stall; the last one left
+    /// untaken does, 5 s after it was handed.
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_runs_from_the_last_frame_taken() {
+        let w = Watch::default();
+        let stall = w.upstream_stall(T);
+        tokio::pin!(stall);
+        for _ in 0..4 {
+            let quiet = tokio::time::timeout(Duration::from_secs(3), stall.as_mut()).await;
+            assert!(quiet.is_err(), "a stall while frames were taken");
+            w.handed();
+        }
+        let last = Instant::now();
+        stall.await;
+        assert_eq!(last.elapsed(), T);
+    }
+
+    /// Waiting for the client is not the upstream's stall, however long;
+    /// the upstream's turn starts again with the client's next frame.
+    #[tokio::test(start_paused = true)]
+    async fn time_waiting_for_the_client_does_not_count() {
+        let w = Watch::default();
+        let stall = w.upstream_stall(T);
+        tokio::pin!(stall);
+        w.handed();
+        w.awaiting_client();
+        let quiet = tokio::time::timeout(Duration::from_secs(60), stall.as_mut()).await;
+        assert!(quiet.is_err(), "a stall while the client was slow");
+        w.handed();
+        let handed = Instant::now();
+        stall.await;
+        assert!(handed.elapsed() >= T && handed.elapsed() < T * 2);
+    }
+
+    /// On HTTP/1 (never armed) the body records nothing: no clock reads.
+    #[test]
+    fn an_unarmed_watch_records_nothing() {
+        let w = Watch::default();
+        w.handed();
+        w.awaiting_client();
+        assert!(w.epoch.get().is_none());
+        assert_eq!(w.upstream_turn.load(Ordering::Relaxed), 0);
     }
 }

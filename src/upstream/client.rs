@@ -397,6 +397,17 @@ impl Upstream {
             _ => None,
         };
         let timeout = self.cfg.request_timeout;
+        // An HTTP/2 upload's stalls are timed here: flow control holds its
+        // bytes where neither the socket nor the body can see them (see
+        // `Watch::upstream_stall`); HTTP/1 has `StallIo` on the socket.
+        // Boxed, and armed before the request goes: only HTTP/2 uploads
+        // pay for the timer, not every request's future.
+        let mut stalled = match watch {
+            Some(w) if protocol == AppProtocol::Http2 => {
+                Some(Box::pin(w.upstream_stall(self.cfg.body_timeout)))
+            }
+            _ => None,
+        };
         // Pinned once for both paths, so the request's future holds one
         // send future, not one per path.
         let send = conn.send(r);
@@ -407,10 +418,24 @@ impl Upstream {
         let sent = match watch {
             None => tokio::time::timeout(timeout, &mut send).await,
             Some(w) => {
+                let stall = std::future::poll_fn(|cx| match &mut stalled {
+                    Some(s) => std::future::Future::poll(s.as_mut(), cx),
+                    None => std::task::Poll::Pending,
+                });
                 tokio::select! {
                     biased;
                     r = &mut send => Ok(r),
                     _ = w.finished() => tokio::time::timeout(timeout, &mut send).await,
+                    () = stall => {
+                        // Dropping the send resets the stream (hyper sends
+                        // RST_STREAM and drops the body); a connection
+                        // that holds a window shut is not used again.
+                        conn.discard();
+                        return Err(fail(UpstreamError::Stall {
+                            endpoint: ep.addr,
+                            timeout: self.cfg.body_timeout,
+                        }));
+                    }
                 }
             }
         };

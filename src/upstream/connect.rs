@@ -1,7 +1,8 @@
 //! Opening one upstream connection, in layers: TCP dial (the source-IP
 //! dialer) → optional TLS (rustls, ALPN) → the protocol's handshake (hyper's
-//! HTTP/1 or HTTP/2 client), all inside one `connect_timeout`. The driver
-//! task that runs the connection frees its pool place when it ends.
+//! HTTP/1 or HTTP/2 client; for HTTP/2 until the server's SETTINGS came),
+//! all inside one `connect_timeout`. The driver task that runs the
+//! connection frees its pool place when it ends.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,7 +48,18 @@ pub enum ConnectError {
         reason: &'static str,
         source: std::io::Error,
     },
-    #[error("{addr} (server name {server_name}) did not agree to HTTP/2 (ALPN gave {offered})")]
+    /// The README's TLS failure `timeout`: a server that took the
+    /// ClientHello and never answered is a TLS problem to the operator,
+    /// not a dial one.
+    #[error("TLS handshake with {addr} (server name {server_name}) failed: timeout: not done when connect_timeout ({}) ran out", humantime::format_duration(*timeout))]
+    TlsTimeout {
+        addr: SocketAddr,
+        server_name: String,
+        timeout: Duration,
+    },
+    /// `protocol = "http2"` and the server chose no ALPN protocol (or one
+    /// that is not h2): the reason word the metric counts it under.
+    #[error("TLS handshake with {addr} (server name {server_name}) failed: no-application-protocol: the server did not agree to HTTP/2 (ALPN gave {offered})")]
     NoH2 {
         addr: SocketAddr,
         server_name: String,
@@ -59,18 +71,40 @@ pub enum ConnectError {
         protocol: &'static str,
         source: hyper::Error,
     },
-    #[error("connect to {addr} did not finish within {} (the {stage} was still running)", humantime::format_duration(*timeout))]
+    /// `waiting`: what had not happened yet when the deadline passed.
+    #[error("connect to {addr} did not finish within {}: {waiting}", humantime::format_duration(*timeout))]
     Timeout {
         addr: SocketAddr,
-        stage: &'static str,
+        waiting: &'static str,
         timeout: Duration,
+    },
+    /// The server's HTTP/2 connection preface (RFC 9113 §3.4) never came
+    /// or was not a SETTINGS frame.
+    #[error("HTTP/2 handshake with {addr} failed: {detail}")]
+    Preface { addr: SocketAddr, detail: String },
+    /// The server ended TLS with an alert after its side of the handshake
+    /// (TLS 1.3: a client certificate it requires is missing or not
+    /// trusted), seen while waiting for its HTTP/2 preface.
+    #[error("TLS with {addr} (server name {server_name}) failed after the handshake: {reason}: {detail}")]
+    TlsAlert {
+        addr: SocketAddr,
+        server_name: String,
+        reason: &'static str,
+        detail: String,
     },
 }
 
 impl ConnectError {
-    /// The TLS failure's reason, for the `x-loopmux-error: tls` answer.
+    /// Whether TLS failed (the handshake, its deadline, or ALPN): the
+    /// `x-loopmux-error: tls` answer, with the reason in its text.
     pub fn is_tls(&self) -> bool {
-        matches!(self, ConnectError::Tls { .. } | ConnectError::NoH2 { .. })
+        matches!(
+            self,
+            ConnectError::Tls { .. }
+                | ConnectError::TlsTimeout { .. }
+                | ConnectError::NoH2 { .. }
+                | ConnectError::TlsAlert { .. }
+        )
     }
 }
 
@@ -166,9 +200,9 @@ impl Connector {
                         }
                         Err(_) => {
                             ep.record_tls_failure("timeout");
-                            return Err(ConnectError::Timeout {
+                            return Err(ConnectError::TlsTimeout {
                                 addr: ep.addr,
-                                stage: "TLS handshake",
+                                server_name: shown,
                                 timeout: self.connect_timeout,
                             });
                         }
@@ -205,12 +239,19 @@ impl Connector {
         let weak = ep.pool.downgrade();
         let id = slot.id();
         let addr = ep.addr;
+        let failed = |source| ConnectError::Handshake {
+            addr,
+            protocol: protocol.as_str(),
+            source,
+        };
+        let mut waiting = "the protocol handshake was still running";
         let handshake = async {
             match protocol {
                 AppProtocol::Http1 => {
                     let (send, conn) = hyper::client::conn::http1::Builder::new()
                         .handshake::<_, ReqBody>(TokioIo::new(io))
-                        .await?;
+                        .await
+                        .map_err(failed)?;
                     tokio::spawn(async move {
                         let _lease = lease;
                         if let Err(e) = conn.await {
@@ -221,6 +262,8 @@ impl Connector {
                     Ok(Sender::H1(send))
                 }
                 AppProtocol::Http2 => {
+                    let (seen, preface) = tokio::sync::oneshot::channel();
+                    let io = PrefaceWatch::new(io, seen);
                     let (send, conn) =
                         hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                             .timer(TokioTimer::new())
@@ -231,7 +274,35 @@ impl Connector {
                             .keep_alive_timeout(self.keepalive_timeout)
                             .keep_alive_while_idle(true)
                             .handshake::<_, ReqBody>(TokioIo::new(io))
-                            .await?;
+                            .await
+                            .map_err(failed)?;
+                    // hyper's handshake returns once our preface is written,
+                    // and reads in a task of its own from then on. A server
+                    // that accepts and never speaks must fail here, within
+                    // the deadline, not take requests until request_timeout.
+                    waiting =
+                        "no HTTP/2 SETTINGS frame from the server yet (its connection preface)";
+                    let detail = match preface.await {
+                        Ok(FirstFrame::Settings) => None,
+                        Ok(FirstFrame::Other) => Some("its first frame was not SETTINGS".into()),
+                        Ok(FirstFrame::Failed(e)) => {
+                            Some(format!("reading the server's SETTINGS failed: {e}"))
+                        }
+                        Err(_) => Some("the connection ended before the server's SETTINGS".into()),
+                    };
+                    if let Some(detail) = detail {
+                        // A TLS alert is what ended it: that is what to fix.
+                        let tls = tls_end.as_ref().and_then(|e| Some((e, e.reason()?)));
+                        return Err(match tls {
+                            Some((end, &(reason, ref text))) => ConnectError::TlsAlert {
+                                addr,
+                                server_name: end.server_name.clone(),
+                                reason,
+                                detail: text.clone(),
+                            },
+                            None => ConnectError::Preface { addr, detail },
+                        });
+                    }
                     let limit = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
                     let published = limit.clone();
                     tokio::spawn(async move {
@@ -253,18 +324,11 @@ impl Connector {
             }
         };
         let sender = match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(ConnectError::Handshake {
-                    addr: ep.addr,
-                    protocol: protocol.as_str(),
-                    source,
-                })
-            }
+            Ok(r) => r?,
             Err(_) => {
                 return Err(ConnectError::Timeout {
-                    addr: ep.addr,
-                    stage: "protocol handshake",
+                    addr,
+                    waiting,
                     timeout: self.connect_timeout,
                 })
             }
@@ -329,6 +393,117 @@ impl AsyncWrite for TlsWatch {
     }
 }
 
+/// What the server's first HTTP/2 frame was.
+enum FirstFrame {
+    Settings,
+    Other,
+    /// The read failed first (a copy of the error: hyper gets the
+    /// original).
+    Failed(std::io::Error),
+}
+
+/// Reads watched until the header of the server's first frame is in,
+/// which RFC 9113 §3.4 requires to be a SETTINGS frame; then it only
+/// passes reads on. A read error first is sent as such; EOF first drops
+/// `seen` unsent, which tells the waiter the preface never came.
+struct PrefaceWatch<S> {
+    inner: S,
+    head: [u8; 9],
+    have: usize,
+    seen: Option<tokio::sync::oneshot::Sender<FirstFrame>>,
+}
+
+impl<S> PrefaceWatch<S> {
+    fn new(inner: S, seen: tokio::sync::oneshot::Sender<FirstFrame>) -> Self {
+        PrefaceWatch {
+            inner,
+            head: [0; 9],
+            have: 0,
+            seen: Some(seen),
+        }
+    }
+
+    fn saw(&mut self, new: &[u8]) {
+        if new.is_empty() {
+            self.seen = None;
+            return;
+        }
+        let take = (self.head.len() - self.have).min(new.len());
+        self.head[self.have..self.have + take].copy_from_slice(&new[..take]);
+        self.have += take;
+        if self.have == self.head.len() {
+            // Type 0x4 is SETTINGS; flag 0x1 would make it an ACK, which
+            // cannot come before we have heard the server's own.
+            let first = if self.head[3] == 0x4 && self.head[4] & 0x1 == 0 {
+                FirstFrame::Settings
+            } else {
+                FirstFrame::Other
+            };
+            if let Some(seen) = self.seen.take() {
+                // The waiter may have given up (its deadline passed).
+                let _ = seen.send(first);
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PrefaceWatch<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.seen.is_some() {
+            match &r {
+                Poll::Ready(Ok(())) => this.saw(&buf.filled()[before..]),
+                Poll::Ready(Err(e)) => {
+                    if let Some(seen) = this.seen.take() {
+                        let _ = seen.send(FirstFrame::Failed(std::io::Error::new(
+                            e.kind(),
+                            e.to_string(),
+                        )));
+                    }
+                }
+                Poll::Pending => {}
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PrefaceWatch<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// The configured server name, else the endpoint's DNS name, else its IP.
 fn server_name(client: &TlsClient, ep: &Endpoint) -> ServerName<'static> {
     if let Some(n) = &client.server_name {
@@ -347,5 +522,55 @@ fn name_text(n: &ServerName<'_>) -> String {
         ServerName::DnsName(d) => d.as_ref().to_string(),
         ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
         _ => "?".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads through a [`PrefaceWatch`] what `server` writes, in the pieces
+    /// it writes them, and returns what the watch said.
+    async fn first_frame(pieces: &[&[u8]]) -> Option<bool> {
+        let (ours, mut server) = tokio::io::duplex(64);
+        let (seen, said) = tokio::sync::oneshot::channel();
+        let mut io = PrefaceWatch::new(ours, seen);
+        let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for p in pieces {
+                server.write_all(&p).await.unwrap();
+                server.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut buf = [0u8; 64];
+        while io.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        writer.await.unwrap();
+        said.await.ok().map(|f| matches!(f, FirstFrame::Settings))
+    }
+
+    #[tokio::test]
+    async fn the_first_frame_header_is_recognised_across_reads() {
+        // An empty SETTINGS frame, then a PING, split mid-header.
+        let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+        assert_eq!(first_frame(&[&settings]).await, Some(true));
+        assert_eq!(
+            first_frame(&[&settings[..2], &settings[2..7], &settings[7..], b"more"]).await,
+            Some(true)
+        );
+        // A PING first, and a SETTINGS ACK first, are not a preface.
+        assert_eq!(
+            first_frame(&[&[0, 0, 8, 6, 0, 0, 0, 0, 0]]).await,
+            Some(false)
+        );
+        assert_eq!(
+            first_frame(&[&[0, 0, 0, 4, 1, 0, 0, 0, 0]]).await,
+            Some(false)
+        );
+        // The server closed after part of a header: no preface, and no
+        // answer (the waiter sees the sender dropped).
+        assert_eq!(first_frame(&[&settings[..5]]).await, None);
+        assert_eq!(first_frame(&[]).await, None);
     }
 }

@@ -305,3 +305,163 @@ pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f
         })
         .sum()
 }
+
+/// A peer that accepts, reads whatever comes, and never writes a byte: a
+/// TLS server stuck after the ClientHello, or an HTTP/2 server that never
+/// sends its SETTINGS. With `tls`, it first finishes a real handshake
+/// (ALPN as that config offers), then goes silent the same way.
+pub struct SilentPeer {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SilentPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SilentPeer {
+    pub async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> SilentPeer {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                a.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
+                tokio::spawn(tokio::time::timeout(Duration::from_secs(30), async move {
+                    match tls {
+                        None => drain(s).await,
+                        Some(cfg) => {
+                            if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(s).await {
+                                drain(s).await;
+                            }
+                        }
+                    }
+                }));
+            }
+        });
+        SilentPeer {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+async fn drain(mut s: impl tokio::io::AsyncRead + Unpin) {
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// An HTTP/2 server (prior knowledge) whose flow-control window never
+/// opens: its SETTINGS say INITIAL_WINDOW_SIZE = 0 and it never sends a
+/// WINDOW_UPDATE, so a request body cannot move. It acknowledges SETTINGS
+/// and PINGs, never answers a request, and counts the HEADERS it got.
+pub struct ZeroWindowH2 {
+    pub addr: SocketAddr,
+    pub streams: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ZeroWindowH2 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const H2_HEADERS: u8 = 0x1;
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+const H2_ACK: u8 = 0x1;
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+impl ZeroWindowH2 {
+    pub async fn start() -> ZeroWindowH2 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let st = streams.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let st = st.clone();
+                tokio::spawn(tokio::time::timeout(
+                    Duration::from_secs(30),
+                    zero_window(s, st),
+                ));
+            }
+        });
+        ZeroWindowH2 {
+            addr,
+            streams,
+            task,
+        }
+    }
+}
+
+async fn zero_window(mut s: TcpStream, streams: Arc<AtomicUsize>) {
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0, sent at once: a server may
+    // send its preface before it has read the client's.
+    let settings = h2_frame(H2_SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]);
+    if s.write_all(&settings).await.is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let mut preface = false;
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if !preface {
+            if buf.len() < 24 {
+                continue;
+            }
+            buf.drain(..24);
+            preface = true;
+        }
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            let reply = match kind {
+                H2_SETTINGS if flags & H2_ACK == 0 => Some(h2_frame(H2_SETTINGS, H2_ACK, 0, &[])),
+                H2_PING if flags & H2_ACK == 0 => Some(h2_frame(H2_PING, H2_ACK, 0, &payload)),
+                H2_HEADERS => {
+                    streams.fetch_add(1, Ordering::SeqCst);
+                    None
+                }
+                // DATA cannot come (the window is 0); anything else is
+                // ignored.
+                _ => None,
+            };
+            if let Some(r) = reply {
+                if s.write_all(&r).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
