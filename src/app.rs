@@ -15,6 +15,7 @@ use crate::config::{Config, ListenerConfig, Mode};
 use crate::forward::Forward;
 use crate::http::proxy::Proxy;
 use crate::http::HttpServer;
+use crate::intercept::ports::{self, PortKey, RedirectPort};
 use crate::listener;
 use crate::listener::{Drain, Drained, Handler};
 use crate::metrics::Metrics;
@@ -74,7 +75,6 @@ enum Serving {
     /// `intercept`: forward routing behind SO_ORIGINAL_DST.
     Intercept {
         proxy: Arc<Proxy>,
-        local: SocketAddr,
         stats: crate::metrics::RawStats,
         kinds: crate::metrics::InterceptStats,
     },
@@ -107,22 +107,22 @@ impl Serving {
         }
     }
 
-    /// The handler for new connections, under `lc`'s settings.
-    fn handler(&self, lc: &ListenerConfig) -> Handler {
+    /// The handler for new connections, under `lc`'s settings; `locals`
+    /// are the listener's own addresses, all of its sockets.
+    fn handler(&self, lc: &ListenerConfig, locals: Vec<SocketAddr>) -> Handler {
         match self {
             Serving::Proxy(p) => Handler::Http(Arc::new(HttpServer::new(lc, p.clone()))),
             Serving::Tcp(t) => Handler::Tcp(t.clone()),
             Serving::Serve(s) => Handler::Serve(s.clone()),
             Serving::Intercept {
                 proxy,
-                local,
                 stats,
                 kinds,
             } => match &lc.intercept {
                 Some(ic) => Handler::Intercept(Arc::new(crate::intercept::InterceptServer::new(
                     Arc::new(HttpServer::new(lc, proxy.clone())),
                     ic,
-                    *local,
+                    locals,
                     stats.clone(),
                     kinds.clone(),
                 ))),
@@ -139,6 +139,9 @@ struct Running {
     socket: Arc<TcpListener>,
     addr: SocketAddr,
     serving: Serving,
+    /// An intercept listener's redirect ports, one per destination rule
+    /// (the first may be `socket` itself); empty in other modes.
+    redirects: Vec<RedirectPort>,
     /// `max_clients`, kept across reloads.
     limit: Arc<listener::ClientLimit>,
     /// Every open client connection of this listener, whatever its mode,
@@ -150,6 +153,31 @@ struct Running {
 }
 
 impl Running {
+    /// Every socket the listener accepts on: its own, then the redirect
+    /// ports that are not it.
+    fn sockets(&self) -> Vec<Arc<TcpListener>> {
+        let mut all = vec![self.socket.clone()];
+        all.extend(
+            self.redirects
+                .iter()
+                .filter(|p| !Arc::ptr_eq(&p.socket, &self.socket))
+                .map(|p| p.socket.clone()),
+        );
+        all
+    }
+
+    /// The addresses of [`Self::sockets`].
+    fn locals(&self) -> Vec<SocketAddr> {
+        let mut all = vec![self.addr];
+        all.extend(
+            self.redirects
+                .iter()
+                .filter(|p| !Arc::ptr_eq(&p.socket, &self.socket))
+                .map(|p| p.addr),
+        );
+        all
+    }
+
     /// Stops accepting and waits for the accept loop to end, so that no
     /// connection starts after the drain has begun.
     async fn stop_accepting(&mut self) {
@@ -167,11 +195,13 @@ impl Running {
         // (and fail over) instead of waiting in a backlog nobody reads.
         let Running {
             socket,
+            redirects,
             drain: signals,
             cfg,
             ..
         } = self;
         drop(socket);
+        drop(redirects);
         let open = signals.open();
         let drained = signals.run(drain).await;
         if drained.clean() {
@@ -221,12 +251,89 @@ fn listener_key(index: usize, lc: &ListenerConfig) -> String {
     format!("listener[{index}].bind ({})", lc.name)
 }
 
+/// An intercept listener's redirect ports, planned before anything
+/// changes: each rule's key and the sockets bound for keys not served yet.
+struct RedirectPlan {
+    keys: Vec<PortKey>,
+    fresh: Vec<RedirectPort>,
+    /// The listener stays an intercept listener: its redirect ports are
+    /// kept for the rules that stay. Otherwise its own socket serves the
+    /// first rule.
+    keeps: bool,
+}
+
+impl RedirectPlan {
+    /// Binds the redirect ports `lc` needs besides those in `have` (the
+    /// listener's now, when it stays an intercept listener); without
+    /// `have`, the listener's own socket serves the first rule.
+    fn bind(
+        index: usize,
+        lc: &ListenerConfig,
+        have: Option<&[RedirectPort]>,
+    ) -> Result<Option<RedirectPlan>, StartError> {
+        let Some(ic) = &lc.intercept else {
+            return Ok(None);
+        };
+        let keys = ports::keys(ic).map_err(StartError::Intercept)?;
+        let served: Vec<PortKey> = match have {
+            Some(h) => h.iter().map(|p| p.key.clone()).collect(),
+            None => keys.first().cloned().into_iter().collect(),
+        };
+        let fresh =
+            ports::bind(lc.bind, ports::missing(&keys, &served)).map_err(|(key, addr, source)| {
+                let rule = match &key {
+                    PortKey::Rule(m) => format!("`{}`", ports::shown(m)),
+                    PortKey::Rest => format!("the rules after the first {}", ports::MAX_OWN_PORTS),
+                };
+                listener::BindError {
+                    key: format!(
+                        "listener[{index}].intercept.destinations ({}): the redirect port for {rule}",
+                        lc.name
+                    ),
+                    addr,
+                    source,
+                }
+            })?;
+        Ok(Some(RedirectPlan {
+            keys,
+            fresh,
+            keeps: have.is_some(),
+        }))
+    }
+
+    /// The listener's redirect ports: `r`'s own that stay, and the fresh.
+    fn apply(self, r: &mut Running) {
+        let have = if self.keeps {
+            std::mem::take(&mut r.redirects)
+        } else {
+            self.keys
+                .first()
+                .map(|k| RedirectPort {
+                    key: k.clone(),
+                    socket: r.socket.clone(),
+                    addr: r.addr,
+                })
+                .into_iter()
+                .collect()
+        };
+        r.redirects = ports::assemble(&self.keys, have, self.fresh);
+    }
+}
+
 impl App {
     /// Starts serving on already-bound listeners (one per config listener).
     ///
     /// # Errors
-    /// When a listener cannot be registered with the runtime.
+    /// When a listener cannot be registered with the runtime, or an
+    /// intercept listener's redirect port cannot be bound.
     pub async fn start(cfg: Config, bound: Bound) -> Result<App, StartError> {
+        // Every socket first, redirect ports included: one that cannot be
+        // bound stops the start before anything runs.
+        let mut sockets = Vec::with_capacity(cfg.listeners.len());
+        for (index, (lc, std_l)) in cfg.listeners.iter().zip(bound.listeners).enumerate() {
+            let (socket, addr) = register(listener_key(index, lc), std_l)?;
+            sockets.push((socket, addr, RedirectPlan::bind(index, lc, None)?));
+        }
         let shared = Arc::new(Shared::default());
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut registry, shared.clone());
@@ -258,10 +365,12 @@ impl App {
             rules: None,
             cfg: cfg.clone(),
         };
-        for (index, (lc, std_l)) in cfg.listeners.iter().zip(bound.listeners).enumerate() {
-            let (socket, addr) = register(listener_key(index, lc), std_l)?;
+        for (lc, (socket, addr, plan)) in cfg.listeners.iter().zip(sockets) {
             let up = lc.upstream.map(|i| upstreams[i].clone());
             let mut r = app.running(lc, Arc::new(socket), addr, up);
+            if let Some(plan) = plan {
+                plan.apply(&mut r);
+            }
             app.spawn_accept(&mut r).await;
             app.listeners.push(r);
         }
@@ -287,7 +396,6 @@ impl App {
                     Some(Forward::new(lc, addr, self.metrics.forward(&lc.name))),
                     self.metrics.listener(&lc.name),
                 )),
-                local: addr,
                 stats: self.metrics.tcp(&lc.name),
                 kinds: self.metrics.intercept(&lc.name),
             },
@@ -312,6 +420,7 @@ impl App {
             socket,
             addr,
             serving,
+            redirects: Vec::new(),
             limit: Arc::new(listener::ClientLimit::new(lc.max_clients)),
             drain: Arc::default(),
             accepting: CancellationToken::new(),
@@ -347,9 +456,9 @@ impl App {
             }
             (None, None) => {}
         }
-        let handler = r.serving.handler(&r.cfg);
+        let handler = r.serving.handler(&r.cfg, r.locals());
         r.accept = Some(tokio::spawn(listener::accept_loop(
-            r.socket.clone(),
+            r.sockets(),
             r.cfg.name.clone(),
             r.limit.clone(),
             handler,
@@ -395,9 +504,18 @@ impl App {
         let mut dns_refresh = crate::config::defaults::DNS_REFRESH;
         for r in &self.listeners {
             if let Some(ic) = &r.cfg.intercept {
-                wanted.push(
-                    Intercepted::new(&r.cfg.name, r.addr, ic).map_err(StartError::Intercept)?,
-                );
+                let ports: Vec<(PortKey, u16)> = r
+                    .redirects
+                    .iter()
+                    .map(|p| (p.key.clone(), p.addr.port()))
+                    .collect();
+                let l = Intercepted::new(&r.cfg.name, ic, &ports).map_err(StartError::Intercept)?;
+                for d in &l.redirects {
+                    let shared = d.matches.len() > 1 || !d.matches.iter().all(ports::is_exact);
+                    let rules: Vec<String> = d.matches.iter().map(ports::shown).collect();
+                    tracing::info!(listener = %r.cfg.name, destinations = %rules.join(", "), port = d.port, shared, "interception: redirect port");
+                }
+                wanted.push(l);
                 if let Some(f) = r.cfg.forward.as_ref() {
                     dns_refresh = f.origin.dns_refresh;
                 }
@@ -456,6 +574,19 @@ impl App {
         for (i, lc) in cfg.listeners.iter().enumerate() {
             if !self.listeners.iter().any(|r| same(&r.cfg, lc)) {
                 fresh_sockets.insert(i, register(listener_key(i, lc), listener::bind(i, lc)?)?);
+            }
+        }
+        // Redirect ports too: an intercept listener that stays one keeps
+        // those of the rules that stay.
+        let mut redirect_plans = HashMap::new();
+        for (i, lc) in cfg.listeners.iter().enumerate() {
+            let kept = self
+                .listeners
+                .iter()
+                .find(|r| same(&r.cfg, lc) && r.cfg.mode == lc.mode && r.cfg.intercept.is_some())
+                .map(|r| r.redirects.as_slice());
+            if let Some(plan) = RedirectPlan::bind(i, lc, kept)? {
+                redirect_plans.insert(i, plan);
             }
         }
 
@@ -526,6 +657,9 @@ impl App {
                     }
                 },
             };
+            if let Some(plan) = redirect_plans.remove(&i) {
+                plan.apply(&mut r);
+            }
             self.spawn_accept(&mut r).await;
             next.push(r);
         }

@@ -1,6 +1,8 @@
 //! Binding and accepting: one task per client connection, spawned before
 //! any I/O on it; a semaphore bounds how many are open at once. Each
 //! connection goes to its mode's [`Handler`]; one [`Drain`] ends them all.
+//! A listener may accept on several sockets (an intercept listener's
+//! redirect ports): one loop, one limit, one drain for all of them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -241,10 +243,32 @@ async fn admit(
     permit
 }
 
-/// Accepts until `shutdown` is cancelled, handing each connection to
-/// `handler` in its own task, tracked by `drain`.
+/// The next connection on any of `sockets`. The scan starts at `first`
+/// (below `sockets.len()`): moving it on each time keeps a busy socket
+/// from starving the others.
+///
+/// Cancel-safe: a connection is taken off a socket only when returned.
+fn accept_any(
+    sockets: &[Arc<TcpListener>],
+    first: usize,
+) -> impl std::future::Future<Output = io::Result<(tokio::net::TcpStream, SocketAddr)>> + '_ {
+    std::future::poll_fn(move |cx| {
+        let n = sockets.len();
+        for k in 0..n {
+            if let std::task::Poll::Ready(r) = sockets[(first + k) % n].poll_accept(cx) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+}
+
+/// Accepts on `sockets` until `shutdown` is cancelled, handing each
+/// connection to `handler` in its own task, tracked by `drain`. One permit
+/// under `max_clients` is taken before accepting on any socket, so several
+/// sockets never hold more than one place in waiting.
 pub async fn accept_loop(
-    listener: Arc<TcpListener>,
+    sockets: Vec<Arc<TcpListener>>,
     name: String,
     limit: Arc<ClientLimit>,
     handler: Handler,
@@ -253,13 +277,15 @@ pub async fn accept_loop(
     stats: crate::metrics::ListenerStats,
 ) {
     let mut last_warn = None;
+    let mut first = 0usize;
     loop {
         // At the limit, stop accepting: the kernel's backlog holds the rest.
         let Some(permit) = admit(&limit, &name, &stats, &mut last_warn, &shutdown).await else {
             return;
         };
+        first = (first + 1) % sockets.len().max(1);
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept_any(&sockets, first) => a,
             _ = shutdown.cancelled() => return,
         };
         match accepted {
@@ -297,5 +323,36 @@ pub async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every socket is served, and one that is always ready does not
+    /// starve another.
+    #[tokio::test]
+    async fn accept_any_takes_from_every_socket() {
+        let mut sockets = Vec::new();
+        for _ in 0..2 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            sockets.push(Arc::new(l));
+        }
+        let addrs: Vec<SocketAddr> = sockets.iter().map(|l| l.local_addr().unwrap()).collect();
+        // Both sockets have connections waiting at every accept.
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            for a in &addrs {
+                clients.push(tokio::net::TcpStream::connect(a).await.unwrap());
+            }
+        }
+        let mut by_socket = [0usize; 2];
+        for first in 0..4 {
+            let (s, _) = accept_any(&sockets, first % 2).await.unwrap();
+            let local = s.local_addr().unwrap();
+            by_socket[addrs.iter().position(|a| *a == local).unwrap()] += 1;
+        }
+        assert_eq!(by_socket, [2, 2]);
     }
 }

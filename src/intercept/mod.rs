@@ -7,6 +7,7 @@
 //! A destination outside `destinations` (a stale rule) is refused, never
 //! dialed.
 
+pub mod ports;
 pub mod rules;
 
 use std::net::SocketAddr;
@@ -91,9 +92,10 @@ async fn first_bytes(stream: &TcpStream, timeout: Duration) -> Vec<u8> {
 pub struct InterceptServer {
     http: Arc<HttpServer>,
     cfg: Arc<InterceptConfig>,
-    /// The listener's own address: a connection that was not redirected
-    /// has it as its "original" destination.
-    local: SocketAddr,
+    /// The listener's own addresses (its port and its redirect ports): a
+    /// connection that was not redirected has one of them as its
+    /// "original" destination.
+    locals: Vec<SocketAddr>,
     pub stats: RawStats,
     kinds: InterceptStats,
 }
@@ -102,14 +104,14 @@ impl InterceptServer {
     pub fn new(
         http: Arc<HttpServer>,
         cfg: &InterceptConfig,
-        local: SocketAddr,
+        locals: Vec<SocketAddr>,
         stats: RawStats,
         kinds: InterceptStats,
     ) -> Self {
         InterceptServer {
             http,
             cfg: Arc::new(cfg.clone()),
-            local,
+            locals,
             stats,
             kinds,
         }
@@ -117,7 +119,7 @@ impl InterceptServer {
 
     pub async fn serve(&self, stream: TcpStream, drain: &Arc<Drain>) {
         let dst = match original_dst(&stream) {
-            Ok(d) if !crate::forward::is_self(d, self.local) => d,
+            Ok(d) if !self.locals.iter().any(|l| crate::forward::is_self(d, *l)) => d,
             Ok(_) | Err(_) => {
                 tracing::warn!(client = ?stream.peer_addr().ok(), "intercept: a connection that was not redirected reached the listener; closed");
                 return;
