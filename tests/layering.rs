@@ -39,8 +39,8 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "entry",
         &[
-            "assembly", "demo", "modes", "accept", "way-out", "observe", "net", "policy",
-            "config", "diagnose",
+            "assembly", "demo", "modes", "accept", "way-out", "observe", "net", "policy", "config",
+            "diagnose",
         ],
     ),
     (
@@ -72,25 +72,69 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
 
 /// Imports the map forbids that are still there, each with its reason.
 const KNOWN: &[(&str, &str, &str)] = &[
-    ("config", "serve", "TLS server configs are built by serve::tls"),
-    ("config", "upstream", "TLS client configs are built by upstream::tls"),
+    (
+        "config",
+        "serve",
+        "TLS server configs are built by serve::tls",
+    ),
+    (
+        "config",
+        "upstream",
+        "TLS client configs are built by upstream::tls",
+    ),
     ("forward", "tcp", "CONNECT tunnels use tcp::relay"),
-    ("http", "forward", "the HTTP exchange serves forward routing"),
-    ("http", "intercept", "OriginalDst travels with intercepted requests"),
-    ("intercept", "forward", "intercepted HTTP is routed as forward mode's"),
-    ("intercept", "http", "intercepted HTTP is served by the http driver"),
+    (
+        "http",
+        "forward",
+        "the HTTP exchange serves forward routing",
+    ),
+    (
+        "http",
+        "intercept",
+        "OriginalDst travels with intercepted requests",
+    ),
+    (
+        "intercept",
+        "forward",
+        "intercepted HTTP is routed as forward mode's",
+    ),
+    (
+        "intercept",
+        "http",
+        "intercepted HTTP is served by the http driver",
+    ),
     ("intercept", "tcp", "opaque connections use tcp::relay"),
-    ("listener", "http", "the accept loop's Handler names every mode"),
-    ("listener", "intercept", "the accept loop's Handler names every mode"),
-    ("listener", "serve", "the accept loop's Handler names every mode"),
-    ("listener", "tcp", "the accept loop's Handler names every mode"),
+    (
+        "listener",
+        "http",
+        "the accept loop's Handler names every mode",
+    ),
+    (
+        "listener",
+        "intercept",
+        "the accept loop's Handler names every mode",
+    ),
+    (
+        "listener",
+        "serve",
+        "the accept loop's Handler names every mode",
+    ),
+    (
+        "listener",
+        "tcp",
+        "the accept loop's Handler names every mode",
+    ),
     ("serve", "forward", "CONNECT targets and the self check"),
     ("serve", "http", "until_drained"),
     ("serve", "tcp", "streams use tcp::relay"),
     ("state", "forward", "the status view lists forward origins"),
     ("state", "upstream", "the status view reads pools"),
     ("tcp", "http", "tunnel streams carry http::body::ReqBody"),
-    ("upstream", "http", "the request body, the upload watch and set_host live in http"),
+    (
+        "upstream",
+        "http",
+        "the request body, the upload watch and set_host live in http",
+    ),
 ];
 
 fn layer(module: &str) -> &'static str {
@@ -111,7 +155,12 @@ fn may(from: &str, to: &str) -> bool {
 
 /// The top-level module a file under `src/` belongs to.
 fn module_of(rel: &Path) -> String {
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
