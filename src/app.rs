@@ -17,7 +17,7 @@ use crate::http::proxy::Proxy;
 use crate::http::HttpServer;
 use crate::intercept::ports::{self, PortKey, RedirectPort};
 use crate::listener;
-use crate::listener::{Drain, Drained, Handler};
+use crate::listener::{Drain, Drained};
 use crate::metrics::Metrics;
 use crate::serve::ServeServer;
 use crate::state::{ListenerInfo, Shared};
@@ -107,19 +107,26 @@ impl Serving {
         }
     }
 
-    /// The handler for new connections, under `lc`'s settings; `locals`
-    /// are the listener's own addresses, all of its sockets.
-    fn handler(&self, lc: &ListenerConfig, locals: Vec<SocketAddr>) -> Handler {
+    /// Starts the accept loop for new connections, under `lc`'s settings,
+    /// with the mode's [`listener::Serve`]; `locals` are the listener's own
+    /// addresses, all of its sockets. The one place that turns a mode into
+    /// what serves it.
+    fn spawn_accept_loop(
+        &self,
+        lc: &ListenerConfig,
+        locals: Vec<SocketAddr>,
+        a: AcceptArgs,
+    ) -> JoinHandle<()> {
         match self {
-            Serving::Proxy(p) => Handler::Http(Arc::new(HttpServer::new(lc, p.clone()))),
-            Serving::Tcp(t) => Handler::Tcp(t.clone()),
-            Serving::Serve(s) => Handler::Serve(s.clone()),
+            Serving::Proxy(p) => a.spawn(Arc::new(HttpServer::new(lc, p.clone()))),
+            Serving::Tcp(t) => a.spawn(t.clone()),
+            Serving::Serve(s) => a.spawn(s.clone()),
             Serving::Intercept {
                 proxy,
                 stats,
                 kinds,
             } => match &lc.intercept {
-                Some(ic) => Handler::Intercept(Arc::new(crate::intercept::InterceptServer::new(
+                Some(ic) => a.spawn(Arc::new(crate::intercept::InterceptServer::new(
                     Arc::new(HttpServer::new(lc, proxy.clone())),
                     ic,
                     locals,
@@ -127,9 +134,33 @@ impl Serving {
                     kinds.clone(),
                 ))),
                 // Validation gives every intercept listener its config.
-                None => Handler::Http(Arc::new(HttpServer::new(lc, proxy.clone()))),
+                None => a.spawn(Arc::new(HttpServer::new(lc, proxy.clone()))),
             },
         }
+    }
+}
+
+/// What every accept loop gets besides its mode's server.
+struct AcceptArgs {
+    sockets: Vec<Arc<TcpListener>>,
+    name: String,
+    limit: Arc<listener::ClientLimit>,
+    drain: Arc<Drain>,
+    shutdown: CancellationToken,
+    stats: crate::metrics::ListenerStats,
+}
+
+impl AcceptArgs {
+    fn spawn<S: listener::Serve>(self, server: Arc<S>) -> JoinHandle<()> {
+        tokio::spawn(listener::accept_loop(
+            self.sockets,
+            self.name,
+            self.limit,
+            server,
+            self.drain,
+            self.shutdown,
+            self.stats,
+        ))
     }
 }
 
@@ -456,16 +487,15 @@ impl App {
             }
             (None, None) => {}
         }
-        let handler = r.serving.handler(&r.cfg, r.locals());
-        r.accept = Some(tokio::spawn(listener::accept_loop(
-            r.sockets(),
-            r.cfg.name.clone(),
-            r.limit.clone(),
-            handler,
-            r.drain.clone(),
-            r.accepting.clone(),
-            self.metrics.listener(&r.cfg.name),
-        )));
+        let args = AcceptArgs {
+            sockets: r.sockets(),
+            name: r.cfg.name.clone(),
+            limit: r.limit.clone(),
+            drain: r.drain.clone(),
+            shutdown: r.accepting.clone(),
+            stats: self.metrics.listener(&r.cfg.name),
+        };
+        r.accept = Some(r.serving.spawn_accept_loop(&r.cfg, r.locals(), args));
     }
 
     fn publish(&self, upstreams: Vec<Arc<Upstream>>) {

@@ -1,6 +1,7 @@
 //! Binding and accepting: one task per client connection, spawned before
 //! any I/O on it; a semaphore bounds how many are open at once. Each
-//! connection goes to its mode's [`Handler`]; one [`Drain`] ends them all.
+//! connection goes to the mode's [`Serve`] (the accept loop names no
+//! mode); one [`Drain`] ends them all.
 //! A listener may accept on several sockets (an intercept listener's
 //! redirect ports): one loop, one limit, one drain for all of them.
 
@@ -17,7 +18,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::ListenerConfig;
-use crate::http::HttpServer;
 use crate::sockopt::errno_text;
 
 /// Bursts of connection-per-request clients arrive together; a short accept
@@ -159,6 +159,27 @@ impl Drain {
         self.open.len()
     }
 
+    /// Runs a connection future (hyper's) to its end; once the drain has
+    /// begun it is asked to close after its current exchange (`shutdown`),
+    /// and at the deadline it is cut (`None`).
+    pub async fn until_drained<C: std::future::Future>(
+        &self,
+        mut conn: std::pin::Pin<&mut C>,
+        shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+    ) -> Option<C::Output> {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => Some(r),
+            _ = self.begun.cancelled() => {
+                shutdown(conn.as_mut());
+                tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = self.deadline.cancelled() => None,
+                }
+            }
+        }
+    }
+
     /// Runs `task` as part of this listener's connections (a serve-role
     /// stream's relay): the drain waits for it, then cuts it.
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -166,37 +187,22 @@ impl Drain {
     }
 }
 
-/// What serves a listener's connections: one per mode.
-#[derive(Clone)]
-pub enum Handler {
-    /// `http` and `forward`: hyper's HTTP/1 server.
-    Http(Arc<HttpServer>),
-    /// `tcp` and `tunnel`: one upstream connection or stream per client
-    /// connection.
-    Tcp(Arc<crate::tcp::TcpServer>),
-    /// `[serve]`: TLS, then HTTP/2 CONNECT streams.
-    Serve(Arc<crate::serve::ServeServer>),
-    /// `intercept`: redirected connections, to where they were going.
-    Intercept(Arc<crate::intercept::InterceptServer>),
-}
-
-impl Handler {
-    async fn serve(&self, stream: tokio::net::TcpStream, drain: &Arc<Drain>) {
-        // Each mode's connection state is boxed: the task spawned per
-        // client connection then stays small (it was 4.5 KiB, copied on
-        // every spawn), and an idle HTTP client holds no more than it.
-        match self {
-            Handler::Http(h) => {
-                let Some(first) = h.first_bytes(&stream, drain).await else {
-                    return;
-                };
-                Box::pin(h.serve(stream, first, drain)).await
-            }
-            Handler::Tcp(t) => Box::pin(t.serve(stream, drain)).await,
-            Handler::Serve(s) => Box::pin(s.serve(stream, drain)).await,
-            Handler::Intercept(i) => Box::pin(i.serve(stream, drain)).await,
-        }
-    }
+/// What a mode does with each accepted connection: all the accept loop
+/// knows of it. The loop is generic over it (one per mode, no dynamic
+/// dispatch and no box of its own per connection).
+///
+/// An implementation should box its connection state (`Box::pin`) once
+/// it has work to do: the task spawned per client connection then stays
+/// small (it was 4.5 KiB, copied on every spawn), and an idle client
+/// holds no more than it.
+pub trait Serve: Send + Sync + 'static {
+    /// Serves one client connection to its end; `drain` signals and then
+    /// cuts it.
+    fn serve_connection(
+        self: &Arc<Self>,
+        stream: tokio::net::TcpStream,
+        drain: &Arc<Drain>,
+    ) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// A warning at most this often while a listener sits at its limit.
@@ -267,11 +273,11 @@ fn accept_any(
 /// connection to `handler` in its own task, tracked by `drain`. One permit
 /// under `max_clients` is taken before accepting on any socket, so several
 /// sockets never hold more than one place in waiting.
-pub async fn accept_loop(
+pub async fn accept_loop<S: Serve>(
     sockets: Vec<Arc<TcpListener>>,
     name: String,
     limit: Arc<ClientLimit>,
-    handler: Handler,
+    handler: Arc<S>,
     drain: Arc<Drain>,
     shutdown: CancellationToken,
     stats: crate::metrics::ListenerStats,
@@ -299,7 +305,7 @@ pub async fn accept_loop(
                     async move {
                         let _permit = permit;
                         active.inc();
-                        handler.serve(stream, &conn_drain).await;
+                        handler.serve_connection(stream, &conn_drain).await;
                         active.dec();
                     }
                     .instrument(span),

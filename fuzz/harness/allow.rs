@@ -6,8 +6,8 @@
 
 use std::net::IpAddr;
 
+use loopmux::allow::target::{of_connect, of_request};
 use loopmux::allow::{parse_host, AllowList};
-use loopmux::forward::target::{of_connect, of_request};
 
 pub fn run(data: &[u8]) {
     let text = String::from_utf8_lossy(data);

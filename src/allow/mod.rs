@@ -28,8 +28,10 @@
 //! and wide ranges such as `0.0.0.0/0` do not, whether the address is
 //! asked for or a name resolves to it.
 
+pub mod target;
+
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The longest list `check` accepts: beyond this it is a generated file
 /// gone wrong, and every request scans the list.
@@ -168,6 +170,24 @@ pub fn is_this_host(ip: IpAddr) -> bool {
         IpAddr::V6(a) => a.is_unspecified(),
     }
 }
+
+/// Whether `addr` is the listener at `local` (also when it listens on
+/// every address): the loop guard of every mode that dials what a client
+/// names. An unspecified address (`0.0.0.0/8`, `::`) on the listener's
+/// port is this host's, so it counts as the listener whatever address the
+/// listener is bound to.
+pub fn is_self(addr: SocketAddr, local: SocketAddr) -> bool {
+    let ip = canonical(addr.ip());
+    addr.port() == local.port()
+        && (ip == canonical(local.ip())
+            || is_this_host(ip)
+            || (local.ip().is_unspecified() && ip.is_loopback()))
+}
+
+/// Where an intercepted connection was going before the kernel redirected
+/// it (`SO_ORIGINAL_DST`), carried with its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalDst(pub SocketAddr);
 
 /// The loopback address an unspecified one stands for, for deny rules.
 fn loopback_of(ip: IpAddr) -> IpAddr {

@@ -3,8 +3,10 @@
 //! `http::proxy`'s, the same as for an `http` listener.
 
 pub mod origins;
-pub mod target;
 pub mod tunnel;
+
+/// Where a proxy request wants to go: the policy layer's.
+pub use crate::allow::target;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -98,17 +100,7 @@ fn dialer_for(cfg: &ForwardConfig) -> Arc<Dialer> {
     ))
 }
 
-/// Whether `addr` is the listener at `local` (also when it listens on
-/// every address). An unspecified address (`0.0.0.0/8`, `::`) on the
-/// listener's port is this host's, so it counts as the listener whatever
-/// address the listener is bound to.
-pub(crate) fn is_self(addr: SocketAddr, local: SocketAddr) -> bool {
-    let ip = crate::allow::canonical(addr.ip());
-    addr.port() == local.port()
-        && (ip == crate::allow::canonical(local.ip())
-            || crate::allow::is_this_host(ip)
-            || (local.ip().is_unspecified() && ip.is_loopback()))
-}
+use crate::allow::is_self;
 
 impl Forward {
     pub fn new(lc: &ListenerConfig, local: SocketAddr, stats: ForwardStats) -> Arc<Forward> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
-use super::target::Target;
+use crate::allow::target::Target;
 use crate::upstream::Upstream;
 
 /// One origin: its upstream, started by the first request that needs it,

@@ -101,7 +101,8 @@ impl HttpServer {
         }
     }
 
-    /// The client's first bytes (see [`first`]), within `header_timeout`.
+    /// The client's first bytes (see [`first`]), within `header_timeout`:
+    /// until they come, the connection's task holds only this wait.
     pub async fn first_bytes(&self, stream: &TcpStream, drain: &Drain) -> Option<first::First> {
         first::read(stream, drain, self.header_timeout).await
     }
@@ -140,7 +141,7 @@ impl HttpServer {
         let conn = self.builder.serve_connection(io, svc);
         tokio::pin!(conn);
         let done = within_first_head(
-            until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()),
+            drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()),
             late,
         )
         .await
@@ -175,8 +176,7 @@ impl HttpServer {
                 let proxy = proxy.clone();
                 let slot = slot.clone();
                 if let Some(dst) = original {
-                    req.extensions_mut()
-                        .insert(crate::intercept::OriginalDst(dst));
+                    req.extensions_mut().insert(crate::allow::OriginalDst(dst));
                 }
                 async move {
                     let mut resp = proxy.handle(req).await;
@@ -193,7 +193,7 @@ impl HttpServer {
         let conn = self.builder.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         let done = within_first_head(
-            until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()),
+            drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()),
             late,
         )
         .await
@@ -255,23 +255,11 @@ async fn within_first_head<F: std::future::Future>(
     }
 }
 
-/// Runs a hyper connection to its end; once the drain has begun it closes
-/// after its current exchange (`shutdown`), and at the deadline it is cut
-/// (`None`).
-pub(crate) async fn until_drained<C: std::future::Future>(
-    mut conn: std::pin::Pin<&mut C>,
-    drain: &Drain,
-    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Option<C::Output> {
-    tokio::select! {
-        biased;
-        r = conn.as_mut() => Some(r),
-        _ = drain.begun.cancelled() => {
-            shutdown(conn.as_mut());
-            tokio::select! {
-                r = conn.as_mut() => Some(r),
-                _ = drain.deadline.cancelled() => None,
-            }
-        }
+impl crate::listener::Serve for HttpServer {
+    async fn serve_connection(self: &Arc<Self>, stream: TcpStream, drain: &Arc<Drain>) {
+        let Some(first) = self.first_bytes(&stream, drain).await else {
+            return;
+        };
+        Box::pin(self.serve(stream, first, drain)).await
     }
 }

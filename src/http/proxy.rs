@@ -288,8 +288,8 @@ impl Proxy {
                 Err(e) => Err(refused(e)),
             };
         }
-        if let Some(&crate::intercept::OriginalDst(dst)) = req.extensions().get() {
-            let target = crate::forward::target::Target {
+        if let Some(&crate::allow::OriginalDst(dst)) = req.extensions().get() {
+            let target = crate::allow::target::Target {
                 host: crate::allow::Host::Ip(dst.ip()),
                 port: dst.port(),
                 tls: false,

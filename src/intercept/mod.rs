@@ -16,16 +16,12 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::allow::target::Target;
 use crate::allow::Host;
 use crate::config::InterceptConfig;
-use crate::forward::target::Target;
 use crate::http::HttpServer;
 use crate::listener::Drain;
 use crate::metrics::{InterceptStats, RawStats};
-
-/// The destination of an intercepted connection, for its requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OriginalDst(pub SocketAddr);
 
 /// Where the connection was going before the kernel redirected it.
 ///
@@ -119,7 +115,7 @@ impl InterceptServer {
 
     pub async fn serve(&self, stream: TcpStream, drain: &Arc<Drain>) {
         let dst = match original_dst(&stream) {
-            Ok(d) if !self.locals.iter().any(|l| crate::forward::is_self(d, *l)) => d,
+            Ok(d) if !self.locals.iter().any(|l| crate::allow::is_self(d, *l)) => d,
             Ok(_) | Err(_) => {
                 tracing::warn!(client = ?stream.peer_addr().ok(), "intercept: a connection that was not redirected reached the listener; closed");
                 return;
@@ -193,6 +189,16 @@ impl InterceptServer {
                 .await;
         tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
         drop(route.guard);
+    }
+}
+
+impl crate::listener::Serve for InterceptServer {
+    async fn serve_connection(
+        self: &Arc<Self>,
+        stream: tokio::net::TcpStream,
+        drain: &Arc<crate::listener::Drain>,
+    ) {
+        Box::pin(self.serve(stream, drain)).await
     }
 }
 

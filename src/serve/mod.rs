@@ -29,9 +29,9 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::allow::target::of_connect;
 use crate::allow::{Denial, Host};
 use crate::config::{ListenerConfig, ServeConfig};
-use crate::forward::target::of_connect;
 use crate::http::first::Prefixed;
 use crate::listener::{ClientLimit, Drain, LIMIT_WARN_EVERY};
 use crate::metrics::ServeStats;
@@ -338,7 +338,7 @@ impl ServeServer {
         let conn = builder.serve_connection(TokioIo::new(Prefixed::new(first, tls)), svc);
         tokio::pin!(conn);
         let done = tokio::select! {
-            r = crate::http::until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()) => r,
+            r = drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()) => r,
             () = streams.idle_for(idle) => {
                 tracing::debug!(client = ?peer, idle_timeout = %humantime::format_duration(idle), "serve: no open stream for idle_timeout: closing the connection");
                 conn.as_mut().graceful_shutdown();
@@ -421,7 +421,7 @@ impl ServeServer {
             }
         };
         for a in &addrs {
-            if crate::forward::is_self(*a, self.local) {
+            if crate::allow::is_self(*a, self.local) {
                 self.stats.refused("denied");
                 return text(
                     StatusCode::LOOP_DETECTED,
@@ -487,6 +487,16 @@ impl ServeServer {
             }
         });
         Response::new(Full::new(Bytes::new()))
+    }
+}
+
+impl crate::listener::Serve for ServeServer {
+    async fn serve_connection(
+        self: &Arc<Self>,
+        stream: tokio::net::TcpStream,
+        drain: &Arc<crate::listener::Drain>,
+    ) {
+        Box::pin(self.serve(stream, drain)).await
     }
 }
 

@@ -194,3 +194,13 @@ impl TcpServer {
         drop(t.lease);
     }
 }
+
+impl crate::listener::Serve for TcpServer {
+    async fn serve_connection(
+        self: &Arc<Self>,
+        stream: tokio::net::TcpStream,
+        drain: &Arc<crate::listener::Drain>,
+    ) {
+        Box::pin(self.serve(stream, drain)).await
+    }
+}
