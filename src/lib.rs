@@ -20,6 +20,7 @@ pub mod stall;
 pub mod state;
 pub mod systemd;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 /// Not the proxy: the demo, with its origin server and load driver (also

@@ -30,6 +30,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("systemd", "net"),
     ("allow", "policy"),
     ("config", "config"),
+    ("tls", "tls"),
     ("diagnose", "diagnose"),
 ];
 
@@ -40,48 +41,42 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
         "entry",
         &[
             "assembly", "demo", "modes", "accept", "way-out", "observe", "net", "policy", "config",
-            "diagnose",
+            "tls", "diagnose",
         ],
     ),
     (
         "assembly",
         &[
-            "modes", "accept", "way-out", "observe", "net", "policy", "config", "diagnose",
+            "modes", "accept", "way-out", "observe", "net", "policy", "config", "tls", "diagnose",
         ],
     ),
     (
         "demo",
         &[
-            "assembly", "modes", "accept", "way-out", "observe", "net", "policy", "config",
+            "assembly", "modes", "accept", "way-out", "observe", "net", "policy", "config", "tls",
             "diagnose",
         ],
     ),
     // A mode never imports another mode.
     (
         "modes",
-        &["accept", "way-out", "observe", "net", "policy", "config"],
+        &[
+            "accept", "way-out", "observe", "net", "policy", "config", "tls",
+        ],
     ),
     ("accept", &["net", "observe", "config"]),
-    ("way-out", &["net", "policy", "observe", "config"]),
+    ("way-out", &["net", "policy", "observe", "config", "tls"]),
     ("observe", &["observe", "net", "config"]),
     ("net", &[]),
     ("policy", &[]),
-    ("config", &["policy"]),
+    ("config", &["policy", "tls"]),
+    // TLS settings and configs: what rustls needs, nothing of loopmux's.
+    ("tls", &[]),
     ("diagnose", &["config"]),
 ];
 
 /// Imports the map forbids that are still there, each with its reason.
 const KNOWN: &[(&str, &str, &str)] = &[
-    (
-        "config",
-        "serve",
-        "TLS server configs are built by serve::tls",
-    ),
-    (
-        "config",
-        "upstream",
-        "TLS client configs are built by upstream::tls",
-    ),
     ("forward", "tcp", "CONNECT tunnels use tcp::relay"),
     (
         "http",

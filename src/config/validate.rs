@@ -10,7 +10,7 @@ use http::HeaderValue;
 
 use super::raw::{Field, RawConfig, RawListener, RawUpstream, RawUpstreamTls};
 use crate::allow::AllowList;
-use crate::upstream::tls::{SystemRoots, TlsClient, TlsSettings};
+use crate::tls::client::{SystemRoots, TlsClient, TlsSettings};
 
 /// One thing wrong with a config, tied to the key that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub struct InterceptConfig {
 /// `[serve]`: TLS, HTTP/2 CONNECT streams in, allowed targets dialed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
-    pub tls: crate::serve::tls::TlsServer,
+    pub tls: crate::tls::server::TlsServer,
     pub allow: AllowList,
     /// Tunnel client connections past their handshake.
     pub max_connections: usize,
@@ -874,7 +874,7 @@ fn upstream_tls(
         Protocol::Http2 => &[b"h2"],
         Protocol::Auto => &[b"h2", b"http/1.1"],
     };
-    match crate::upstream::tls::build(&settings, alpn, &c.system_roots) {
+    match crate::tls::client::build(&settings, alpn, &c.system_roots) {
         Ok(t) => Some(t),
         Err(problems) => {
             for p in problems {
@@ -1333,7 +1333,7 @@ fn forward(
             Protocol::Http2 => &[b"h2"],
             Protocol::Auto => &[b"h2", b"http/1.1"],
         };
-        match crate::upstream::tls::build(&TlsSettings::default(), alpn, &c.system_roots) {
+        match crate::tls::client::build(&TlsSettings::default(), alpn, &c.system_roots) {
             Ok(t) => origin.tls = Some(t),
             Err(problems) => {
                 for p in problems {
@@ -1423,7 +1423,7 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
             }
             match (cert, key) {
                 (Some(cert), Some(key)) => {
-                    match crate::serve::tls::build(&cert, &key, client_ca.as_deref()) {
+                    match crate::tls::server::build(&cert, &key, client_ca.as_deref()) {
                         Ok(t) => Some(t),
                         Err(problems) => {
                             for p in problems {

@@ -12,8 +12,6 @@
 //! `handshake_timeout`, a connection with no open stream within
 //! `idle_timeout`.
 
-pub mod tls;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

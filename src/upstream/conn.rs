@@ -69,8 +69,8 @@ impl TlsEnd {
 
     /// Records `e` if it is the first TLS error: returns its reason then.
     pub fn record(&self, e: &std::io::Error) -> Option<&'static str> {
-        let r = super::tls::rustls_error(e)?;
-        let reason = super::tls::failure_reason(r);
+        let r = crate::tls::client::rustls_error(e)?;
+        let reason = crate::tls::client::failure_reason(r);
         self.reason
             .set((reason, r.to_string()))
             .ok()

@@ -23,10 +23,10 @@ use tokio_util::either::Either;
 use super::conn::{AppProtocol, ReqBody, Sender, TlsEnd, UpConn};
 use super::dialer::{DialError, Dialer};
 use super::pool::{Pooled, Slot};
-use super::tls::{self, TlsClient};
 use super::Endpoint;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::stall::StallIo;
+use crate::tls::client::{self as tls, TlsClient};
 
 type Io = StallIo<Either<TcpStream, TlsWatch>>;
 

@@ -9,7 +9,6 @@ pub mod conn;
 pub mod connect;
 pub mod dialer;
 pub mod pool;
-pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,7 +36,7 @@ pub struct Endpoint {
     /// a mutex is fine.
     pub connect_errors: Mutex<BTreeMap<String, u64>>,
     /// TLS handshakes started, and failures by reason
-    /// ([`tls::failure_reason`]).
+    /// ([`crate::tls::client::failure_reason`]).
     pub tls_handshakes: AtomicU64,
     pub tls_failures: Mutex<BTreeMap<&'static str, u64>>,
 }

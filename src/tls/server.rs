@@ -9,7 +9,7 @@ use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::upstream::tls::{certs, problem, provider, read, TlsProblem};
+use super::client::{certs, problem, provider, read, TlsProblem};
 
 /// A built server config; equal when the settings and the bytes of every
 /// file are (a certificate rotated in place is a change).
