@@ -13,6 +13,7 @@ pub mod http;
 pub mod intercept;
 pub mod listener;
 pub mod metrics;
+pub mod relay;
 pub mod serve;
 pub mod shutdown;
 pub mod sockopt;

@@ -143,6 +143,28 @@ pub struct RawStats {
     pub closed_by_loopmux: Counter,
 }
 
+impl crate::relay::Counters for RawStats {
+    fn started(&self) {
+        self.active.inc();
+    }
+
+    fn ended(&self, to_upstream: u64, to_client: u64, end: &crate::relay::End) {
+        use crate::relay::End;
+        self.active.dec();
+        self.bytes_upstream.inc_by(to_upstream);
+        self.bytes_client.inc_by(to_client);
+        match end {
+            End::Closed => {}
+            End::Error(_) => {
+                self.errors.inc();
+            }
+            End::Idle | End::Cut => {
+                self.closed_by_loopmux.inc();
+            }
+        }
+    }
+}
+
 /// The metric families behind [`RawStats`], under one prefix.
 struct RawFamilies {
     opened: Family<Labels, Counter>,

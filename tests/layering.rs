@@ -26,6 +26,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("state", "observe"),
     ("sockopt", "net"),
     ("stall", "net"),
+    ("relay", "net"),
     ("shutdown", "net"),
     ("systemd", "net"),
     ("allow", "policy"),
@@ -77,7 +78,6 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
 
 /// Imports the map forbids that are still there, each with its reason.
 const KNOWN: &[(&str, &str, &str)] = &[
-    ("forward", "tcp", "CONNECT tunnels use tcp::relay"),
     (
         "http",
         "forward",
@@ -88,13 +88,11 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "http",
         "intercepted HTTP is served by the http driver",
     ),
-    ("intercept", "tcp", "opaque connections use tcp::relay"),
     (
         "serve",
         "http",
         "the prefixed stream (http::first::Prefixed) reads the preface again",
     ),
-    ("serve", "tcp", "streams use tcp::relay"),
     ("state", "forward", "the status view lists forward origins"),
     ("state", "upstream", "the status view reads pools"),
     ("tcp", "http", "tunnel streams carry http::body::ReqBody"),

@@ -432,7 +432,7 @@ impl Forward {
                     on_upgrade,
                     upstream: raw,
                     target: target.to_string(),
-                    timeouts: crate::tcp::relay::Timeouts {
+                    timeouts: crate::relay::Timeouts {
                         idle: cfg.origin.idle_timeout,
                         half_closed: cfg.half_close_timeout,
                     },

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RawStats;
-use crate::tcp::relay::{relay, Timeouts};
+use crate::relay::{relay, Timeouts};
 use crate::upstream::RawConn;
 
 /// A tunnel whose `200` is on its way to the client: the client side's

@@ -180,13 +180,12 @@ impl InterceptServer {
         };
         self.stats.opened.inc();
         let _ = stream.set_nodelay(true);
-        let timeouts = crate::tcp::relay::Timeouts {
+        let timeouts = crate::relay::Timeouts {
             idle: Duration::from_secs(3600),
             half_closed: f.config().half_close_timeout,
         };
         let r =
-            crate::tcp::relay::relay(stream, raw.stream, timeouts, &drain.deadline, &self.stats)
-                .await;
+            crate::relay::relay(stream, raw.stream, timeouts, &drain.deadline, &self.stats).await;
         tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
         drop(route.guard);
     }

@@ -464,7 +464,7 @@ impl ServeServer {
         self.stats.stream_to(&shown);
         let on_upgrade = hyper::upgrade::on(&mut req);
         let stats = self.stats.relays.clone();
-        let timeouts = crate::tcp::relay::Timeouts {
+        let timeouts = crate::relay::Timeouts {
             idle: cfg.idle_timeout,
             half_closed: cfg.half_close_timeout,
         };
@@ -475,7 +475,7 @@ impl ServeServer {
             let _open = open;
             match on_upgrade.await {
                 Ok(u) => {
-                    let r = crate::tcp::relay::relay(TokioIo::new(u), up.stream, timeouts, &cut, &stats).await;
+                    let r = crate::relay::relay(TokioIo::new(u), up.stream, timeouts, &cut, &stats).await;
                     tracing::debug!(target = %shown, local = %up.local, to_target = r.to_upstream, to_client = r.to_client, end = ?r.end, "serve: stream ended");
                 }
                 Err(e) => {

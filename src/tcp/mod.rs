@@ -6,8 +6,9 @@
 //! multiplexes for real: each client connection is one HTTP/2 CONNECT
 //! stream on a few long-lived connections to a peer.
 
-pub mod relay;
 pub mod tunnel;
+
+use crate::relay;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};

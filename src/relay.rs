@@ -3,7 +3,10 @@
 //! backpressure holds (a side that does not read stops the other's reads),
 //! and the relay ends when both ways have ended, on an error, after
 //! `idle_timeout` without a byte either way, or when `cut` fires (a drain's
-//! deadline). Shared by `tcp` listeners and forward-mode CONNECT tunnels.
+//! deadline). Shared by every raw relay: `tcp` and `tunnel` listeners,
+//! forward-mode CONNECT, intercepted opaque connections and the serve
+//! role's streams. It counts through [`Counters`], which the metrics layer
+//! implements, so it imports no metrics.
 
 use std::io;
 use std::pin::Pin;
@@ -16,7 +19,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::RawStats;
+/// What a relay reports: one open relay while it runs, then how it ended
+/// and the bytes it carried each way.
+pub trait Counters {
+    fn started(&self);
+    /// `to_upstream`: bytes read from the client; `to_client`: from the
+    /// upstream.
+    fn ended(&self, to_upstream: u64, to_client: u64, end: &End);
+}
 
 /// Counts the bytes read from a side and stamps the time of the last byte
 /// moved either way, for the idle watchdog.
@@ -161,13 +171,13 @@ pub struct Relayed {
     pub end: End,
 }
 
-/// Relays until one of the ends in [`End`]; records the result in `stats`.
+/// Relays until one of the ends in [`End`]; reports to `stats`.
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
     timeouts: Timeouts,
     cut: &CancellationToken,
-    stats: &RawStats,
+    stats: &impl Counters,
 ) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -178,7 +188,7 @@ where
     let half_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut c = Touch::new(client, last_ms.clone(), epoch, half_closed.clone());
     let mut u = Touch::new(upstream, last_ms.clone(), epoch, half_closed.clone());
-    stats.active.inc();
+    stats.started();
     let end = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, COPY_BUF, COPY_BUF) => match r {
             Ok(_) => End::Closed,
@@ -187,18 +197,7 @@ where
         _ = cut.cancelled() => End::Cut,
         _ = idle_for(&last_ms, epoch, timeouts, &half_closed) => End::Idle,
     };
-    stats.active.dec();
-    stats.bytes_upstream.inc_by(c.read);
-    stats.bytes_client.inc_by(u.read);
-    match end {
-        End::Closed => {}
-        End::Error(_) => {
-            stats.errors.inc();
-        }
-        End::Idle | End::Cut => {
-            stats.closed_by_loopmux.inc();
-        }
-    }
+    stats.ended(c.read, u.read, &end);
     Relayed {
         to_upstream: c.read,
         to_client: u.read,
@@ -211,10 +210,15 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn stats() -> RawStats {
-        let mut r = prometheus_client::registry::Registry::default();
-        let m = crate::metrics::Metrics::new(&mut r, Arc::default());
-        m.tcp("t")
+    struct NoCounts;
+
+    impl Counters for NoCounts {
+        fn started(&self) {}
+        fn ended(&self, _: u64, _: u64, _: &End) {}
+    }
+
+    fn stats() -> NoCounts {
+        NoCounts
     }
 
     fn timeouts(idle: u64, half_closed: u64) -> Timeouts {
