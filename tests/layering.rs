@@ -95,12 +95,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ),
     ("state", "forward", "the status view lists forward origins"),
     ("state", "upstream", "the status view reads pools"),
-    ("tcp", "http", "tunnel streams carry http::body::ReqBody"),
-    (
-        "upstream",
-        "http",
-        "the request body, the upload watch and set_host live in http",
-    ),
 ];
 
 fn layer(module: &str) -> &'static str {

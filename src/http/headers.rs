@@ -62,22 +62,6 @@ pub fn strip_expect(headers: &mut HeaderMap) {
     headers.remove(header::EXPECT);
 }
 
-/// Sets `Host` for the upstream request: the fixed value if configured,
-/// else the client's, else (HTTP/1.0 without `Host`) the fallback.
-pub fn set_host(
-    headers: &mut HeaderMap,
-    fixed: Option<&HeaderValue>,
-    fallback: impl FnOnce() -> Option<HeaderValue>,
-) {
-    if let Some(v) = fixed {
-        headers.insert(header::HOST, v.clone());
-    } else if !headers.contains_key(header::HOST) {
-        if let Some(v) = fallback() {
-            headers.insert(header::HOST, v);
-        }
-    }
-}
-
 /// The first transfer coding in `headers` other than one `chunked`
 /// (RFC 9112 §6.1), or `None`. hyper decodes the chunking alone; any other
 /// coding would reach the peer without its label.
@@ -131,6 +115,7 @@ pub fn check_host(parts: &mut http::request::Parts) -> Result<(), &'static str> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::client::set_host;
 
     #[test]
     fn strips_standard_and_connection_named_fields() {

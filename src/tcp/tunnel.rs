@@ -8,7 +8,7 @@ use http::{Method, Request, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-use crate::http::body::ReqBody;
+use crate::upstream::body::ReqBody;
 use crate::upstream::client::{Lease, UpstreamError};
 use crate::upstream::Upstream;
 

@@ -25,13 +25,12 @@ use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
 
+use super::body::Upload;
 use super::conn::{AppProtocol, ReqBody, UpConn};
 use super::connect::ConnectError;
 use super::pool::{Acquired, PoolError, Pooled, Reusable};
 use super::{InFlight, Upstream};
 use crate::config::HostHeader;
-use crate::http::body::Upload;
-use crate::http::headers;
 
 /// Which side a failure belongs to: what the operator should look at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +282,7 @@ impl Upstream {
     async fn send_from(
         &self,
         mut slot: Option<Request<ReqBody>>,
-        watch: Option<Arc<crate::http::body::Watch>>,
+        watch: Option<Arc<super::body::Watch>>,
     ) -> Result<Exchange, UpstreamError> {
         let mut budget = Budget {
             dials: None,
@@ -314,7 +313,7 @@ impl Upstream {
         &self,
         slot: &mut Option<Request<ReqBody>>,
         how: Option<Next>,
-        watch: Option<&crate::http::body::Watch>,
+        watch: Option<&super::body::Watch>,
     ) -> Result<Exchange, Failure> {
         let fail = |error: UpstreamError| Failure {
             error,
@@ -377,7 +376,7 @@ impl Upstream {
         // A tunnel's CONNECT (RFC 9113 §8.5) is only :method and
         // :authority: no Host, no :scheme, no :path.
         if r.method() != Method::CONNECT {
-            headers::set_host(r.headers_mut(), fixed, || {
+            set_host(r.headers_mut(), fixed, || {
                 HeaderValue::from_str(&ep.addr.to_string()).ok()
             });
             if protocol == AppProtocol::Http2 {
@@ -552,4 +551,19 @@ fn to_h2(r: &mut Request<ReqBody>, tls: bool, endpoint: SocketAddr) {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
     *r.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+}
+/// Sets `Host` for the upstream request: the fixed value if configured,
+/// else the client's, else (HTTP/1.0 without `Host`) the fallback.
+pub fn set_host(
+    headers: &mut http::HeaderMap,
+    fixed: Option<&http::HeaderValue>,
+    fallback: impl FnOnce() -> Option<http::HeaderValue>,
+) {
+    if let Some(v) = fixed {
+        headers.insert(http::header::HOST, v.clone());
+    } else if !headers.contains_key(http::header::HOST) {
+        if let Some(v) = fallback() {
+            headers.insert(http::header::HOST, v);
+        }
+    }
 }

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
 use tokio_util::either::Either;
 
-pub use crate::http::body::ReqBody;
+pub use super::body::ReqBody;
 
 use super::pool::Reusable;
 

@@ -4,6 +4,7 @@
 //! [`Dialer`], and the balancing state. Endpoint sets are swapped whole
 //! (DNS refresh), so a request never holds a lock while it waits.
 
+pub mod body;
 pub mod client;
 pub mod conn;
 pub mod connect;
