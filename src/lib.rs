@@ -13,6 +13,7 @@ pub mod http;
 pub mod intercept;
 pub mod listener;
 pub mod metrics;
+pub mod prefixed;
 pub mod relay;
 pub mod serve;
 pub mod shutdown;

@@ -3,19 +3,17 @@
 //! connection state) on its first read, so a client that connects and
 //! stays silent would hold all of that for as long as it stays; until its
 //! first byte it holds only this wait. The bytes read here are handed to
-//! hyper first ([`Prefixed`]): the same one read syscall hyper would have
+//! hyper first ([`Prefixed`], the net layer's): the same one read syscall hyper would have
 //! made, no peek.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
 use crate::listener::Drain;
+pub use crate::prefixed::Prefixed;
 
 /// Room for a whole request head of a typical legacy client in one read;
 /// a longer head is read on by hyper.
@@ -51,68 +49,6 @@ pub async fn read(stream: &TcpStream, drain: &Drain, timeout: Duration) -> Optio
         r = wait => r.map(|bytes| First { bytes, waited: start.elapsed() }),
         _ = drain.begun.cancelled() => None,
         _ = tokio::time::sleep(timeout) => None,
-    }
-}
-
-/// A stream that reads `head` before its own bytes.
-pub struct Prefixed<S> {
-    head: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(head: Bytes, inner: S) -> Self {
-        Prefixed { head, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.head.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = self.head.len().min(buf.remaining());
-        buf.put_slice(&self.head[..n]);
-        self.head.advance(n);
-        if self.head.is_empty() {
-            // Frees the first read's buffer now, not at the connection's end.
-            self.head = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -146,7 +146,7 @@ impl InterceptServer {
             let _ = socket2::SockRef::from(&stream).set_tcp_cork(true);
             let stats = f.stats.tunnels.clone();
             return Box::pin(self.http.serve_forward(
-                crate::http::first::Prefixed::new(bytes::Bytes::new(), stream),
+                crate::prefixed::Prefixed::new(bytes::Bytes::new(), stream),
                 None,
                 &stats,
                 drain,

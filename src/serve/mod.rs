@@ -30,9 +30,9 @@ use tokio::time::Instant;
 use crate::allow::target::of_connect;
 use crate::allow::{Denial, Host};
 use crate::config::{ListenerConfig, ServeConfig};
-use crate::http::first::Prefixed;
 use crate::listener::{ClientLimit, Drain, LIMIT_WARN_EVERY};
 use crate::metrics::ServeStats;
+use crate::prefixed::Prefixed;
 use crate::upstream::dialer::Dialer;
 
 /// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4): the
