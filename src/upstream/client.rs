@@ -123,6 +123,7 @@ struct Failure {
 }
 
 /// How a retry is to be made.
+#[derive(Debug, PartialEq, Eq)]
 enum Next {
     Endpoint,
     Fresh,
@@ -138,14 +139,20 @@ struct Budget {
 }
 
 /// One place for every retry decision. `have_request`: the request can be
-/// sent again (it was not written at all, or a copy of it is in memory).
-fn decide(f: &Failure, have_request: bool, b: &mut Budget, up: &Upstream) -> Option<Next> {
-    match f.rule {
+/// sent again (it was not written at all, or a copy of it is in memory);
+/// `endpoints`: how many the upstream has (read only for a dial failure).
+fn decide(
+    rule: Rule,
+    have_request: bool,
+    b: &mut Budget,
+    endpoints: impl FnOnce() -> usize,
+) -> Option<Next> {
+    match rule {
         Rule::Never => None,
         Rule::OtherEndpoint => {
             let left = b
                 .dials
-                .get_or_insert_with(|| up.endpoints().len().saturating_sub(1).min(2));
+                .get_or_insert_with(|| endpoints().saturating_sub(1).min(2));
             (*left > 0).then(|| {
                 *left -= 1;
                 Next::Endpoint
@@ -294,7 +301,9 @@ impl Upstream {
                 Ok(x) => return Ok(x),
                 Err(f) => f,
             };
-            match decide(&failure, slot.is_some(), &mut budget, self) {
+            match decide(failure.rule, slot.is_some(), &mut budget, || {
+                self.endpoints().len()
+            }) {
                 Some(n) => {
                     tracing::debug!(upstream = %self.cfg.name, error = %failure.error, "retrying");
                     if !matches!(n, Next::Endpoint) {
@@ -565,5 +574,78 @@ pub fn set_host(
         if let Some(v) = fallback() {
             headers.insert(http::header::HOST, v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget() -> Budget {
+        Budget {
+            dials: None,
+            resend: true,
+        }
+    }
+
+    /// The retry rules as a table: a dial failure tries up to two other
+    /// endpoints (none when there is only one); a reused connection closed
+    /// under the request, or a refused stream, is retried once, and only
+    /// while the request can be sent again; `Never` never is.
+    #[test]
+    fn retry_decisions() {
+        // (rule, request still in hand, endpoints, decisions in a row)
+        let table: &[(Rule, bool, usize, &[Option<Next>])] = &[
+            (Rule::Never, true, 3, &[None]),
+            (Rule::OtherEndpoint, true, 1, &[None]),
+            (Rule::OtherEndpoint, true, 2, &[Some(Next::Endpoint), None]),
+            (
+                Rule::OtherEndpoint,
+                false,
+                9,
+                &[Some(Next::Endpoint), Some(Next::Endpoint), None],
+            ),
+            (Rule::FreshConnection, true, 1, &[Some(Next::Fresh), None]),
+            (Rule::FreshConnection, false, 1, &[None]),
+            (
+                Rule::OtherConnection(7),
+                true,
+                1,
+                &[Some(Next::Avoiding(7)), None],
+            ),
+            (Rule::OtherConnection(7), false, 1, &[None]),
+        ];
+        for (rule, have, endpoints, want) in table {
+            let mut b = budget();
+            for (i, w) in want.iter().enumerate() {
+                let got = decide(*rule, *have, &mut b, || *endpoints);
+                assert_eq!(
+                    &got, w,
+                    "{rule:?}, have_request {have}, {endpoints} endpoints, try {i}"
+                );
+            }
+        }
+    }
+
+    /// One budget for the whole request: the resend spent on a closed
+    /// connection is not there for a refused stream after it, and dial
+    /// failovers do not spend it.
+    #[test]
+    fn one_resend_per_request_and_dials_apart() {
+        let mut b = budget();
+        assert_eq!(
+            decide(Rule::OtherEndpoint, true, &mut b, || 3),
+            Some(Next::Endpoint)
+        );
+        assert_eq!(
+            decide(Rule::FreshConnection, true, &mut b, || 3),
+            Some(Next::Fresh)
+        );
+        assert_eq!(decide(Rule::OtherConnection(1), true, &mut b, || 3), None);
+        assert_eq!(
+            decide(Rule::OtherEndpoint, true, &mut b, || 3),
+            Some(Next::Endpoint)
+        );
+        assert_eq!(decide(Rule::OtherEndpoint, true, &mut b, || 3), None);
     }
 }
