@@ -332,6 +332,28 @@ impl RedirectPlan {
         }))
     }
 
+    /// The `(key, port)` pairs [`apply`](Self::apply) will give the
+    /// listener, known before it runs: for the rules a reload installs
+    /// before anything is swapped. `own`: the listener's socket address;
+    /// `kept`: its redirect ports now, when it stays an intercept listener.
+    fn ports(&self, own: SocketAddr, kept: Option<&[RedirectPort]>) -> Vec<(PortKey, u16)> {
+        let have: Vec<(PortKey, u16)> = match (self.keeps, kept) {
+            (true, Some(k)) => k.iter().map(|p| (p.key.clone(), p.addr.port())).collect(),
+            _ => self
+                .keys
+                .first()
+                .map(|k| (k.clone(), own.port()))
+                .into_iter()
+                .collect(),
+        };
+        let fresh = self
+            .fresh
+            .iter()
+            .map(|p| (p.key.clone(), p.addr.port()))
+            .collect();
+        ports::assemble_by(&self.keys, have, fresh, |(k, _)| k)
+    }
+
     /// The listener's redirect ports: `r`'s own that stay, and the fresh.
     fn apply(self, r: &mut Running) {
         let have = if self.keeps {
@@ -406,7 +428,18 @@ impl App {
             app.listeners.push(r);
         }
         app.publish(upstreams);
-        app.rules = app.intercept_rules(None).await?;
+        let (wanted, dns_refresh) = Self::intercepted(app.listeners.iter().map(|r| {
+            let ports = r
+                .redirects
+                .iter()
+                .map(|p| (p.key.clone(), p.addr.port()))
+                .collect();
+            (&r.cfg, ports)
+        }))?;
+        app.rules = app
+            .install_rules(None, wanted, dns_refresh)
+            .await
+            .map_err(|(e, _)| e)?;
         app.shared.set_ready(true);
         Ok(app)
     }
@@ -522,57 +555,73 @@ impl App {
         self.shared.publish(upstreams, infos, forwards);
     }
 
-    /// The kernel rules for the intercept listeners now running: installed
-    /// (replacing `previous`'s table in one transaction), or removed when
-    /// none is left.
-    async fn intercept_rules(
-        &self,
-        previous: Option<crate::intercept::rules::Keeper>,
-    ) -> Result<Option<crate::intercept::rules::Keeper>, StartError> {
-        use crate::intercept::rules::{Intercepted, Keeper};
+    /// The interception table's part for each intercept listener, from
+    /// its config and the ports of its rules (`(key, port)` as the
+    /// listener has them, or will once a reload is applied), and the
+    /// resolver period for names.
+    fn intercepted<'a>(
+        items: impl IntoIterator<Item = (&'a ListenerConfig, Vec<(PortKey, u16)>)>,
+    ) -> Result<(Vec<crate::intercept::rules::Intercepted>, Duration), StartError> {
         let mut wanted = Vec::new();
         let mut dns_refresh = crate::config::defaults::DNS_REFRESH;
-        for r in &self.listeners {
-            if let Some(ic) = &r.cfg.intercept {
-                let ports: Vec<(PortKey, u16)> = r
-                    .redirects
-                    .iter()
-                    .map(|p| (p.key.clone(), p.addr.port()))
-                    .collect();
-                let l = Intercepted::new(&r.cfg.name, ic, &ports).map_err(StartError::Intercept)?;
-                for d in &l.redirects {
-                    let shared = d.matches.len() > 1 || !d.matches.iter().all(ports::is_exact);
-                    let rules: Vec<String> = d.matches.iter().map(ports::shown).collect();
-                    tracing::info!(listener = %r.cfg.name, destinations = %rules.join(", "), port = d.port, shared, "interception: redirect port");
-                }
-                wanted.push(l);
-                if let Some(f) = r.cfg.forward.as_ref() {
-                    dns_refresh = f.origin.dns_refresh;
-                }
+        for (lc, ports) in items {
+            let Some(ic) = &lc.intercept else { continue };
+            let l = crate::intercept::rules::Intercepted::new(&lc.name, ic, &ports)
+                .map_err(StartError::Intercept)?;
+            for d in &l.redirects {
+                let shared = d.matches.len() > 1 || !d.matches.iter().all(ports::is_exact);
+                let rules: Vec<String> = d.matches.iter().map(ports::shown).collect();
+                tracing::info!(listener = %lc.name, destinations = %rules.join(", "), port = d.port, shared, "interception: redirect port");
+            }
+            wanted.push(l);
+            if let Some(f) = lc.forward.as_ref() {
+                dns_refresh = f.origin.dns_refresh;
             }
         }
-        self.shared.set_intercept_rules(
-            crate::intercept::rules::table_script(&wanted)
-                .lines()
-                .filter(|l| l.contains("redirect to"))
-                .map(|l| l.trim().to_string())
-                .collect(),
-        );
-        if let Some(p) = previous {
-            if wanted.is_empty() {
+        Ok((wanted, dns_refresh))
+    }
+
+    /// Installs the kernel rules for `wanted` (replacing `previous`'s
+    /// table in one transaction), or removes the table when nothing is
+    /// wanted. On failure `previous`'s table is back in place and is
+    /// returned with the error, so the caller keeps what it had.
+    async fn install_rules(
+        &self,
+        previous: Option<crate::intercept::rules::Keeper>,
+        wanted: Vec<crate::intercept::rules::Intercepted>,
+        dns_refresh: Duration,
+    ) -> Result<
+        Option<crate::intercept::rules::Keeper>,
+        (StartError, Option<crate::intercept::rules::Keeper>),
+    > {
+        use crate::intercept::rules::Keeper;
+        let lines: Vec<String> = crate::intercept::rules::table_script(&wanted)
+            .lines()
+            .filter(|l| l.contains("redirect to"))
+            .map(|l| l.trim().to_string())
+            .collect();
+        let keeper = match (previous, wanted.is_empty()) {
+            (None, true) => None,
+            (Some(p), true) => {
                 p.remove().await;
-                return Ok(None);
+                None
             }
-            p.stop_renewing().await;
+            (None, false) => Some(
+                Keeper::start(wanted, dns_refresh)
+                    .await
+                    .map_err(|e| (StartError::Intercept(e.to_string()), None))?,
+            ),
+            (Some(p), false) => Some(
+                p.replace(wanted, dns_refresh)
+                    .await
+                    .map_err(|(e, back)| (StartError::Intercept(e.to_string()), back))?,
+            ),
+        };
+        self.shared.set_intercept_rules(lines);
+        if let Some(k) = &keeper {
+            self.shared.set_intercept_current(k.current.clone());
         }
-        if wanted.is_empty() {
-            return Ok(None);
-        }
-        let keeper = Keeper::start(wanted, dns_refresh)
-            .await
-            .map_err(|e| StartError::Intercept(e.to_string()))?;
-        self.shared.set_intercept_current(keeper.current.clone());
-        Ok(Some(keeper))
+        Ok(keeper)
     }
 
     /// Where each listener is bound, in config order (port 0 resolved).
@@ -619,6 +668,38 @@ impl App {
                 redirect_plans.insert(i, plan);
             }
         }
+
+        // The interception rules, the last step that can fail, before
+        // anything is swapped (upstream pools are reconfigured in place
+        // below): the new table goes in with the ports the listeners will
+        // have; if nft refuses it, the old table is put back and the
+        // running config stays, all of it.
+        let mut rule_ports = Vec::new();
+        for (i, lc) in cfg.listeners.iter().enumerate() {
+            let Some(plan) = redirect_plans.get(&i) else {
+                continue;
+            };
+            let existing = self.listeners.iter().find(|r| same(&r.cfg, lc));
+            let own = match (existing, fresh_sockets.get(&i)) {
+                (Some(r), _) => r.addr,
+                (None, Some((_, addr))) => *addr,
+                // Every listener is kept or freshly bound above.
+                (None, None) => continue,
+            };
+            let kept = existing
+                .filter(|r| r.cfg.mode == lc.mode && r.cfg.intercept.is_some())
+                .map(|r| r.redirects.as_slice());
+            rule_ports.push((lc, plan.ports(own, kept)));
+        }
+        let (wanted, dns_refresh) = Self::intercepted(rule_ports)?;
+        let previous = self.rules.take();
+        let rules = match self.install_rules(previous, wanted, dns_refresh).await {
+            Ok(k) => k,
+            Err((e, back)) => {
+                self.rules = back;
+                return Err(e);
+            }
+        };
 
         // Upstreams: keep the unchanged ones (their pools and connections).
         // A changed one whose connections can stay (same name and protocol)
@@ -712,8 +793,7 @@ impl App {
         }
         self.cfg = cfg;
         self.publish(upstreams);
-        let previous = self.rules.take();
-        self.rules = self.intercept_rules(previous).await?;
+        self.rules = rules;
         tracing::info!(generation = self.shared.generation(), "config reloaded");
         Ok(())
     }

@@ -112,13 +112,24 @@ pub fn assemble(
     have: Vec<RedirectPort>,
     fresh: Vec<RedirectPort>,
 ) -> Vec<RedirectPort> {
-    let mut pool: Vec<RedirectPort> = have.into_iter().chain(fresh).collect();
-    let mut out: Vec<RedirectPort> = Vec::new();
+    assemble_by(keys, have, fresh, |p| &p.key)
+}
+
+/// [`assemble`] over anything with a key: also what a reload uses to know
+/// the ports before it applies them.
+pub fn assemble_by<T>(
+    keys: &[PortKey],
+    have: Vec<T>,
+    fresh: Vec<T>,
+    key: impl Fn(&T) -> &PortKey,
+) -> Vec<T> {
+    let mut pool: Vec<T> = have.into_iter().chain(fresh).collect();
+    let mut out: Vec<T> = Vec::new();
     for k in keys {
-        if out.iter().any(|p| p.key == *k) {
+        if out.iter().any(|p| key(p) == k) {
             continue;
         }
-        if let Some(i) = pool.iter().position(|p| p.key == *k) {
+        if let Some(i) = pool.iter().position(|p| key(p) == k) {
             out.push(pool.swap_remove(i));
         }
     }

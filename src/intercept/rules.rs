@@ -255,6 +255,9 @@ pub struct Keeper {
     task: tokio::task::JoinHandle<()>,
     /// Whether the last renewal went through (a gauge and `/status`).
     pub current: Arc<AtomicBool>,
+    /// What it installed, to put back if a successor cannot be installed.
+    listeners: Vec<Intercepted>,
+    dns_refresh: Duration,
 }
 
 impl Keeper {
@@ -267,6 +270,7 @@ impl Keeper {
         listeners: Vec<Intercepted>,
         dns_refresh: Duration,
     ) -> Result<Keeper, RulesError> {
+        let installed = listeners.clone();
         nft(&table_script(&listeners)).await?;
         let current = Arc::new(AtomicBool::new(false));
         let resolved = resolve(&listeners).await;
@@ -285,7 +289,35 @@ impl Keeper {
             stop,
             task,
             current,
+            listeners: installed,
+            dns_refresh,
         })
+    }
+
+    /// Replaces this keeper's table with one for `listeners`, in one nft
+    /// transaction. If that fails, this keeper's own table is installed
+    /// again (its set elements outlive the attempt, [`ELEMENT_TTL`]) and
+    /// the error returned: interception goes on as before.
+    ///
+    /// # Errors
+    /// The new table's, with the old one back in place.
+    pub async fn replace(
+        self,
+        listeners: Vec<Intercepted>,
+        dns_refresh: Duration,
+    ) -> Result<Keeper, (RulesError, Option<Keeper>)> {
+        let (old, old_refresh) = (self.listeners.clone(), self.dns_refresh);
+        self.stop_renewing().await;
+        match Keeper::start(listeners, dns_refresh).await {
+            Ok(k) => Ok(k),
+            Err(e) => match Keeper::start(old, old_refresh).await {
+                Ok(back) => Err((e, Some(back))),
+                Err(e2) => {
+                    tracing::error!(error = %e2, "interception: the previous rules could not be put back either; they expire within {:?}", ELEMENT_TTL);
+                    Err((e, None))
+                }
+            },
+        }
     }
 
     /// Stops renewing (a successor replaces the table).
