@@ -6,6 +6,8 @@
 # then the counters are zeroed and N requests counted. Run by hand:
 #
 #   benches/callgrind.sh BIN [BIN2 ...]      (N=2000 WARMUP=200 ROUNDS=2)
+#   MODE=forward benches/callgrind.sh ...    a forward listener instead:
+#       absolute-form requests (as HTTP_PROXY makes clients send them)
 #
 # Several binaries are measured interleaved, ROUNDS times, so a before and
 # after come from one run. Needs valgrind (callgrind_control) and python3.
@@ -14,6 +16,7 @@ set -euo pipefail
 N=${N:-2000}
 WARMUP=${WARMUP:-200}
 ROUNDS=${ROUNDS:-2}
+MODE=${MODE:-http}
 WORK=$(mktemp -d /tmp/loopmux-callgrind.XXXXXX)
 PIDS=()
 cleanup() {
@@ -47,8 +50,8 @@ PIDS+=($!)
 # N requests, each on a new connection; exits non-zero if one fails.
 cat > "$WORK/load.py" <<'EOF'
 import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+port, n, target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+req = b"GET " + target.encode() + b" HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(req)
@@ -64,11 +67,18 @@ for i in range(n):
 EOF
 
 measure() {
-    local bin=$1 port cfg pid out
+    local bin=$1 port cfg pid out target
     port=$(free_port)
     cfg="$WORK/loopmux-$port.toml"
-    printf '[[listener]]\nname = "bench"\nbind = "127.0.0.1:%s"\nupstream = "origin"\n\n[[upstream]]\nname = "origin"\nendpoints = ["127.0.0.1:%s"]\nmax_connections = 8\n' \
-        "$port" "$ORIGIN_PORT" > "$cfg"
+    if [ "$MODE" = forward ]; then
+        printf '[[listener]]\nname = "bench"\nbind = "127.0.0.1:%s"\nmode = "forward"\nallow = ["127.0.0.1:%s"]\n\n[forward_defaults]\nmax_connections = 8\n' \
+            "$port" "$ORIGIN_PORT" > "$cfg"
+        target="http://127.0.0.1:$ORIGIN_PORT/"
+    else
+        printf '[[listener]]\nname = "bench"\nbind = "127.0.0.1:%s"\nupstream = "origin"\n\n[[upstream]]\nname = "origin"\nendpoints = ["127.0.0.1:%s"]\nmax_connections = 8\n' \
+            "$port" "$ORIGIN_PORT" > "$cfg"
+        target=/
+    fi
     out="$WORK/cg-$port"
     valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" run --config "$cfg" >/dev/null 2>"$WORK/vg-$port.log" &
     pid=$!
@@ -77,9 +87,9 @@ measure() {
         python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()" 2>/dev/null && break
         sleep 0.1
     done
-    python3 "$WORK/load.py" "$port" "$WARMUP"
+    python3 "$WORK/load.py" "$port" "$WARMUP" "$target"
     callgrind_control -z "$pid" >/dev/null 2>&1
-    python3 "$WORK/load.py" "$port" "$N"
+    python3 "$WORK/load.py" "$port" "$N" "$target"
     callgrind_control -d "$pid" >/dev/null 2>&1
     kill -INT "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
@@ -89,7 +99,7 @@ measure() {
     echo $(( ir / N ))
 }
 
-printf '| round | binary | instructions per request |\n|---|---|---|\n'
+printf '| round | binary (%s listener) | instructions per request |\n|---|---|---|\n' "$MODE"
 for r in $(seq 1 "$ROUNDS"); do
     for bin in "$@"; do
         printf '| %s | %s | %s |\n' "$r" "$bin" "$(measure "$bin")"

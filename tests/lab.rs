@@ -508,16 +508,20 @@ fn exhaustion_lab() {
         intercept.http.time_wait, 0,
         "TIME_WAIT toward the intercepted origin"
     );
-    // Opaque, the client closing first: interception cannot free the
-    // app's ports (its TIME_WAIT stays under the original 4-tuple), so
-    // this row is reported, not promised. Runs on the same code gave
-    // both about 500 ok (the app's port and loopmux's upstream port spent
-    // per exchange) and all 3,000 ok, for a reason not yet found; what
-    // must hold is that every exchange is accounted for.
-    assert_eq!(
-        intercept.opaque.ok + intercept.opaque.errors,
-        3_000,
-        "opaque: {:?}",
+    // Opaque, the client closing first: the relay carries the exchanges
+    // (at least until the ports run out, about 500), and interception
+    // cannot free the app's ports: its TIME_WAIT stays under the original
+    // 4-tuple, near the whole 1,000-port range. How many of the 3,000 get
+    // through varied between runs of the same code (about 500, or all),
+    // for a reason not yet found, so the count itself is reported only.
+    assert!(
+        intercept.opaque.ok >= 400,
+        "opaque: the relay carried too few: {:?}",
+        intercept.opaque
+    );
+    assert!(
+        intercept.opaque.time_wait >= 500,
+        "opaque, client closes first: the app's TIME_WAIT should stay: {:?}",
         intercept.opaque
     );
     assert!(

@@ -499,8 +499,10 @@ fn half_close_timeout_is_checked_where_it_applies() {
         "mode = \"forward\"\nhalf_close_timeout = \"2s\"\n",
     ))
     .unwrap();
-    let f = cfg.listeners[0].forward.as_ref().unwrap();
-    assert_eq!(f.half_close_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(
+        cfg.listeners[0].half_close_timeout,
+        std::time::Duration::from_secs(2)
+    );
     let e = problems(&MINIMAL.replace(
         "upstream = \"u\"\n",
         "upstream = \"u\"\nhalf_close_timeout = \"5s\"\n",

@@ -139,9 +139,6 @@ pub struct ForwardConfig {
     pub max_origins: usize,
     /// Add `Via: 1.1 loopmux` to requests and responses.
     pub via: bool,
-    /// The listener's `half_close_timeout`, for CONNECT tunnels and
-    /// intercepted opaque connections.
-    pub half_close_timeout: Duration,
     /// The template every origin's pool settings come from
     /// (`[forward_defaults]`); its name and endpoints are unused.
     pub origin: UpstreamConfig,
@@ -969,10 +966,7 @@ fn listener(
         }
     };
     let forward = match mode {
-        Some(Mode::Forward) => forward(c, i, l, forward_template).map(|mut f| {
-            f.half_close_timeout = half_close_timeout;
-            Box::new(f)
-        }),
+        Some(Mode::Forward) => forward(c, i, l, forward_template).map(Box::new),
         // Interception carries HTTP/1 over per-destination pools as forward
         // mode does: the same routing, with the destinations as allow list.
         Some(Mode::Intercept) => intercept.as_ref().and_then(|ic| {
@@ -981,7 +975,6 @@ fn listener(
                 originate_tls: AllowList::default(),
                 max_origins: defaults::MAX_ORIGINS,
                 via: false,
-                half_close_timeout,
                 origin: forward_template?.clone(),
             }))
         }),
@@ -1354,7 +1347,6 @@ fn forward(
         originate_tls: originate_tls?,
         max_origins,
         via,
-        half_close_timeout: defaults::HALF_CLOSE_TIMEOUT,
         origin,
     })
 }

@@ -17,7 +17,7 @@ use crate::allow::{Denial, Host};
 use crate::config::{EndpointAddr, ForwardConfig, ListenerConfig, Protocol, UpstreamConfig};
 use crate::metrics::ForwardStats;
 use crate::upstream::dialer::{DialError, Dialer};
-use crate::upstream::{AddressVeto, RawDialError, StartWith, Upstream, Vetoed};
+use crate::upstream::{AddressVeto, RawDialError, StartWith, Upstream, Veto, Vetoed};
 use origins::{OriginGuard, Origins};
 use target::{Target, TargetError};
 
@@ -72,6 +72,9 @@ impl ForwardError {
 struct Settings {
     cfg: Arc<ForwardConfig>,
     dialer: Arc<Dialer>,
+    /// The listener's `half_close_timeout`: CONNECT tunnels and
+    /// intercepted opaque relays.
+    half_close: std::time::Duration,
 }
 
 /// One forward listener's routing state.
@@ -115,6 +118,7 @@ impl Forward {
             settings: RwLock::new(Settings {
                 dialer: dialer_for(&cfg),
                 cfg,
+                half_close: lc.half_close_timeout,
             }),
             origins: Arc::new(Origins::default()),
             local,
@@ -142,6 +146,14 @@ impl Forward {
             .clone()
     }
 
+    /// The listener's `half_close_timeout`, for raw relays it carries.
+    pub fn half_close(&self) -> std::time::Duration {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .half_close
+    }
+
     fn dialer(&self) -> Arc<Dialer> {
         self.settings
             .read()
@@ -164,6 +176,7 @@ impl Forward {
         };
         let cfg = {
             let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
+            s.half_close = lc.half_close_timeout;
             if *s.cfg == *new {
                 return;
             }
@@ -294,31 +307,20 @@ impl Forward {
     }
 
     fn vetoed(&self, target: &Target, v: Vetoed) -> ForwardError {
-        if v.is_loop {
-            self.stats.loops.inc();
-            ForwardError::Loop {
-                target: target.to_string(),
-                reason: v.reason,
+        match v.why {
+            Veto::Loop(reason) => {
+                self.stats.loops.inc();
+                ForwardError::Loop {
+                    target: target.to_string(),
+                    reason,
+                }
             }
-        } else {
-            self.stats.denied.inc();
-            // The veto carries only the text; the denial itself is the
-            // current rules' answer for that address.
-            let denial = match self
-                .config()
-                .allow
-                .check_resolved(v.addr.ip(), v.addr.port())
-            {
-                Err(d) => d,
-                Ok(()) => Denial::Rule {
-                    rule: v.reason,
-                    addr: Some(v.addr.ip()),
-                    this_host: false,
-                },
-            };
-            ForwardError::Denied {
-                target: target.to_string(),
-                denial,
+            Veto::Denied(denial) => {
+                self.stats.denied.inc();
+                ForwardError::Denied {
+                    target: target.to_string(),
+                    denial,
+                }
             }
         }
     }
@@ -357,23 +359,17 @@ impl Forward {
             if is_self(addr, local) {
                 return Some(Vetoed {
                     addr,
-                    is_loop: true,
-                    reason: format!("resolves to {addr}, where this listener is"),
+                    why: Veto::Loop(format!("resolves to {addr}, where this listener is")),
                 });
             }
-            match rules.allow.check_resolved(addr.ip(), addr.port()) {
-                Ok(()) => None,
-                Err(Denial::Rule { rule, .. }) => Some(Vetoed {
+            rules
+                .allow
+                .check_resolved(addr.ip(), addr.port())
+                .err()
+                .map(|d| Vetoed {
                     addr,
-                    is_loop: false,
-                    reason: rule,
-                }),
-                Err(d) => Some(Vetoed {
-                    addr,
-                    is_loop: false,
-                    reason: d.to_string(),
-                }),
-            }
+                    why: Veto::Denied(d),
+                })
         });
         (
             uc,
@@ -434,7 +430,7 @@ impl Forward {
                     target: target.to_string(),
                     timeouts: crate::relay::Timeouts {
                         idle: cfg.origin.idle_timeout,
-                        half_closed: cfg.half_close_timeout,
+                        half_closed: self.half_close(),
                     },
                 })
             }

@@ -182,7 +182,7 @@ impl InterceptServer {
         let _ = stream.set_nodelay(true);
         let timeouts = crate::relay::Timeouts {
             idle: Duration::from_secs(3600),
-            half_closed: f.config().half_close_timeout,
+            half_closed: f.half_close(),
         };
         let r =
             crate::relay::relay(stream, raw.stream, timeouts, &drain.deadline, &self.stats).await;

@@ -93,8 +93,25 @@ impl Drop for InFlight {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vetoed {
     pub addr: SocketAddr,
-    pub is_loop: bool,
-    pub reason: String,
+    pub why: Veto,
+}
+
+/// What a vetoed address is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Veto {
+    /// This proxy's own listener (the text says where).
+    Loop(String),
+    /// A rule of the allow list refuses it.
+    Denied(crate::allow::Denial),
+}
+
+impl std::fmt::Display for Veto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Veto::Loop(s) => f.write_str(s),
+            Veto::Denied(d) => write!(f, "{d}"),
+        }
+    }
 }
 
 /// Decides every address a refresh resolves, before any is dialed.
@@ -319,7 +336,7 @@ impl Upstream {
             // denied address into an allowed name's answers is an attack.
             let verdict = addrs.iter().find_map(|(a, _)| veto(*a));
             if let Some(v) = &verdict {
-                tracing::warn!(upstream = %self.cfg.name, addr = %v.addr, reason = %v.reason, "resolved address refused: no address of this origin is used");
+                tracing::warn!(upstream = %self.cfg.name, addr = %v.addr, reason = %v.why, "resolved address refused: no address of this origin is used");
                 addrs.clear();
             }
             *self.vetoed.write().unwrap_or_else(|p| p.into_inner()) = verdict;
