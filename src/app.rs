@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::{Config, ListenerConfig, Mode};
+use crate::config::{Config, HttpKeys, InterceptConfig, ListenerConfig, ModeConfig};
 use crate::forward::Forward;
 use crate::http::proxy::Proxy;
 use crate::http::HttpServer;
@@ -68,13 +68,19 @@ pub fn bind_all(cfg: &Config) -> Result<Bound, listener::BindError> {
 
 /// What a listener's connections are served by, kept across reloads.
 enum Serving {
-    /// `http` and `forward`.
-    Proxy(Arc<Proxy>),
+    /// `http` and `forward`, with the client side's keys the next accept
+    /// loop starts with.
+    Proxy {
+        proxy: Arc<Proxy>,
+        http: HttpKeys,
+    },
     Tcp(Arc<TcpServer>),
     Serve(Arc<ServeServer>),
     /// `intercept`: forward routing behind SO_ORIGINAL_DST.
     Intercept {
         proxy: Arc<Proxy>,
+        http: HttpKeys,
+        intercept: Box<InterceptConfig>,
         stats: crate::metrics::RawStats,
         kinds: crate::metrics::InterceptStats,
     },
@@ -83,7 +89,7 @@ enum Serving {
 impl Serving {
     fn upstream(&self) -> Option<Arc<Upstream>> {
         match self {
-            Serving::Proxy(p) => p.upstream(),
+            Serving::Proxy { proxy, .. } => proxy.upstream(),
             Serving::Tcp(t) => Some(t.upstream()),
             Serving::Serve(_) | Serving::Intercept { .. } => None,
         }
@@ -91,19 +97,70 @@ impl Serving {
 
     fn forward(&self) -> Option<&Arc<Forward>> {
         match self {
-            Serving::Proxy(p) => p.forward_routing(),
-            Serving::Intercept { proxy, .. } => proxy.forward_routing(),
+            Serving::Proxy { proxy, .. } | Serving::Intercept { proxy, .. } => {
+                proxy.forward_routing()
+            }
             Serving::Tcp(_) | Serving::Serve(_) => None,
         }
     }
 
-    async fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
-        match (self, up) {
-            (Serving::Proxy(p), up) => p.reconfigure(up, lc).await,
-            (Serving::Tcp(t), Some(up)) => t.reconfigure(up, lc),
-            (Serving::Tcp(_), None) => {}
-            (Serving::Serve(s), _) => s.reconfigure(lc),
-            (Serving::Intercept { proxy, .. }, _) => proxy.reconfigure(None, lc).await,
+    /// A reload of a listener that keeps its mode (one that changes mode
+    /// is built anew, so the other pairs do not occur).
+    async fn reconfigure(&mut self, upstreams: &[Arc<Upstream>], mode: &ModeConfig) {
+        // Validation checked every upstream index against this list.
+        let up = mode.upstream().map(|i| upstreams[i].clone());
+        match (self, mode) {
+            (Serving::Proxy { proxy, http: keys }, ModeConfig::Http { http, .. }) => {
+                proxy.reconfigure(up, http);
+                *keys = http.clone();
+            }
+            (
+                Serving::Proxy { proxy, http: keys },
+                ModeConfig::Forward {
+                    forward,
+                    http,
+                    half_close_timeout,
+                },
+            ) => {
+                proxy.reconfigure(None, http);
+                *keys = http.clone();
+                if let Some(f) = proxy.forward_routing() {
+                    f.reconfigure(forward, *half_close_timeout).await;
+                }
+            }
+            (
+                Serving::Intercept {
+                    proxy,
+                    http: keys,
+                    intercept: ic,
+                    ..
+                },
+                ModeConfig::Intercept {
+                    intercept,
+                    forward,
+                    http,
+                    half_close_timeout,
+                },
+            ) => {
+                proxy.reconfigure(None, http);
+                *keys = http.clone();
+                ic.clone_from(intercept);
+                if let Some(f) = proxy.forward_routing() {
+                    f.reconfigure(forward, *half_close_timeout).await;
+                }
+            }
+            (Serving::Tcp(t), ModeConfig::Tcp(relay)) => {
+                if let Some(up) = up {
+                    t.reconfigure(up, relay, None);
+                }
+            }
+            (Serving::Tcp(t), ModeConfig::Tunnel { relay, target }) => {
+                if let Some(up) = up {
+                    t.reconfigure(up, relay, Some(target.clone()));
+                }
+            }
+            (Serving::Serve(s), ModeConfig::Serve(cfg)) => s.reconfigure(cfg),
+            _ => {}
         }
     }
 
@@ -111,31 +168,26 @@ impl Serving {
     /// with the mode's [`listener::Serve`]; `locals` are the listener's own
     /// addresses, all of its sockets. The one place that turns a mode into
     /// what serves it.
-    fn spawn_accept_loop(
-        &self,
-        lc: &ListenerConfig,
-        locals: Vec<SocketAddr>,
-        a: AcceptArgs,
-    ) -> JoinHandle<()> {
+    fn spawn_accept_loop(&self, locals: Vec<SocketAddr>, a: AcceptArgs) -> JoinHandle<()> {
         match self {
-            Serving::Proxy(p) => a.spawn(Arc::new(HttpServer::new(lc, p.clone()))),
+            Serving::Proxy { proxy, http } => {
+                a.spawn(Arc::new(HttpServer::new(http, proxy.clone())))
+            }
             Serving::Tcp(t) => a.spawn(t.clone()),
             Serving::Serve(s) => a.spawn(s.clone()),
             Serving::Intercept {
                 proxy,
+                http,
+                intercept,
                 stats,
                 kinds,
-            } => match &lc.intercept {
-                Some(ic) => a.spawn(Arc::new(crate::intercept::InterceptServer::new(
-                    Arc::new(HttpServer::new(lc, proxy.clone())),
-                    ic,
-                    locals,
-                    stats.clone(),
-                    kinds.clone(),
-                ))),
-                // Validation gives every intercept listener its config.
-                None => a.spawn(Arc::new(HttpServer::new(lc, proxy.clone()))),
-            },
+            } => a.spawn(Arc::new(crate::intercept::InterceptServer::new(
+                Arc::new(HttpServer::new(http, proxy.clone())),
+                intercept,
+                locals,
+                stats.clone(),
+                kinds.clone(),
+            ))),
         }
     }
 }
@@ -302,7 +354,7 @@ impl RedirectPlan {
         lc: &ListenerConfig,
         have: Option<&[RedirectPort]>,
     ) -> Result<Option<RedirectPlan>, StartError> {
-        let Some(ic) = &lc.intercept else {
+        let Some(ic) = lc.mode.intercept() else {
             return Ok(None);
         };
         let keys = ports::keys(ic).map_err(StartError::Intercept)?;
@@ -419,8 +471,7 @@ impl App {
             cfg: cfg.clone(),
         };
         for (lc, (socket, addr, plan)) in cfg.listeners.iter().zip(sockets) {
-            let up = lc.upstream.map(|i| upstreams[i].clone());
-            let mut r = app.running(lc, Arc::new(socket), addr, up);
+            let mut r = app.running(lc, Arc::new(socket), addr, &upstreams);
             if let Some(plan) = plan {
                 plan.apply(&mut r);
             }
@@ -449,35 +500,62 @@ impl App {
         lc: &ListenerConfig,
         socket: Arc<TcpListener>,
         addr: SocketAddr,
-        up: Option<Arc<Upstream>>,
+        upstreams: &[Arc<Upstream>],
     ) -> Running {
-        let serving = match (lc.mode, up) {
-            (Mode::Serve, _) => Serving::Serve(ServeServer::new(lc, addr, self.metrics.serve())),
-            (Mode::Intercept, _) => Serving::Intercept {
-                proxy: Arc::new(Proxy::new(
-                    lc,
-                    None,
-                    Some(Forward::new(lc, addr, self.metrics.forward(&lc.name))),
-                    self.metrics.listener(&lc.name),
-                )),
-                stats: self.metrics.tcp(&lc.name),
-                kinds: self.metrics.intercept(&lc.name),
+        let name = lc.name.as_str();
+        // Validation checked every upstream index against this list.
+        let up = |i: usize| upstreams[i].clone();
+        let routed = |forward, http, half_close| {
+            let f = Forward::new(forward, half_close, addr, self.metrics.forward(name));
+            Arc::new(Proxy::routed(name, http, f, self.metrics.listener(name)))
+        };
+        let serving = match &lc.mode {
+            ModeConfig::Serve(cfg) => {
+                Serving::Serve(ServeServer::new(cfg, addr, self.metrics.serve()))
+            }
+            ModeConfig::Intercept {
+                intercept,
+                forward,
+                http,
+                half_close_timeout,
+            } => Serving::Intercept {
+                proxy: routed(forward, http, *half_close_timeout),
+                http: http.clone(),
+                intercept: intercept.clone(),
+                stats: self.metrics.tcp(name),
+                kinds: self.metrics.intercept(name),
             },
-            (Mode::Tcp | Mode::Tunnel, Some(up)) => {
-                Serving::Tcp(Arc::new(TcpServer::new(lc, up, self.metrics.tcp(&lc.name))))
-            }
-            (_, up) => {
-                let forward = lc
-                    .forward
-                    .is_some()
-                    .then(|| Forward::new(lc, addr, self.metrics.forward(&lc.name)));
-                Serving::Proxy(Arc::new(Proxy::new(
-                    lc,
-                    up,
-                    forward,
-                    self.metrics.listener(&lc.name),
-                )))
-            }
+            ModeConfig::Forward {
+                forward,
+                http,
+                half_close_timeout,
+            } => Serving::Proxy {
+                proxy: routed(forward, http, *half_close_timeout),
+                http: http.clone(),
+            },
+            ModeConfig::Http { upstream, http } => Serving::Proxy {
+                proxy: Arc::new(Proxy::fixed(
+                    name,
+                    http,
+                    up(*upstream),
+                    self.metrics.listener(name),
+                )),
+                http: http.clone(),
+            },
+            ModeConfig::Tcp(relay) => Serving::Tcp(Arc::new(TcpServer::new(
+                name,
+                relay,
+                None,
+                up(relay.upstream),
+                self.metrics.tcp(name),
+            ))),
+            ModeConfig::Tunnel { relay, target } => Serving::Tcp(Arc::new(TcpServer::new(
+                name,
+                relay,
+                Some(target.clone()),
+                up(relay.upstream),
+                self.metrics.tcp(name),
+            ))),
         };
         Running {
             cfg: lc.clone(),
@@ -498,27 +576,23 @@ impl App {
     async fn spawn_accept(&self, r: &mut Running) {
         r.stop_accepting().await;
         r.accepting = CancellationToken::new();
-        match (r.serving.upstream(), r.serving.forward()) {
-            (Some(up), _) if r.cfg.mode == Mode::Tcp => {
-                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "tcp", upstream = %up.cfg.name, sources = up.cfg.source_addresses.len(), idle_timeout = %humantime::format_duration(r.cfg.idle_timeout), "listening");
+        let (name, bind) = (&r.cfg.name, r.addr);
+        match (&r.cfg.mode, r.serving.upstream(), r.serving.forward()) {
+            (ModeConfig::Tcp(relay), Some(up), _) => {
+                tracing::info!(listener = %name, %bind, mode = "tcp", upstream = %up.cfg.name, sources = up.cfg.source_addresses.len(), idle_timeout = %humantime::format_duration(relay.idle_timeout), "listening");
             }
-            (Some(up), _) if r.cfg.mode == Mode::Tunnel => {
-                let target = r
-                    .cfg
-                    .target
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "tunnel", upstream = %up.cfg.name, %target, max_connections = up.cfg.max_connections, tls = up.cfg.tls.is_some(), "listening");
+            (ModeConfig::Tunnel { target, .. }, Some(up), _) => {
+                tracing::info!(listener = %name, %bind, mode = "tunnel", upstream = %up.cfg.name, %target, max_connections = up.cfg.max_connections, tls = up.cfg.tls.is_some(), "listening");
             }
-            (Some(up), _) => {
-                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
+            (ModeConfig::Http { http, .. }, Some(up), _) => {
+                tracing::info!(listener = %name, %bind, mode = "http", upstream = %up.cfg.name, max_connections = up.cfg.max_connections, client_keepalive = http.client_keepalive, "listening");
             }
-            (None, Some(f)) => {
+            (mode, None, Some(f)) => {
                 let c = f.config();
-                tracing::info!(listener = %r.cfg.name, bind = %r.addr, mode = r.cfg.mode.as_str(), allow_rules = c.allow.len(), max_origins = c.max_origins, max_connections_per_origin = c.origin.max_connections, client_keepalive = r.cfg.client_keepalive, "listening");
+                let client_keepalive = mode.http().is_some_and(|h| h.client_keepalive);
+                tracing::info!(listener = %name, %bind, mode = mode.kind().as_str(), allow_rules = c.allow.len(), max_origins = c.max_origins, max_connections_per_origin = c.origin.max_connections, client_keepalive, "listening");
             }
-            (None, None) => {}
+            _ => {}
         }
         let args = AcceptArgs {
             sockets: r.sockets(),
@@ -528,7 +602,7 @@ impl App {
             shutdown: r.accepting.clone(),
             stats: self.metrics.listener(&r.cfg.name),
         };
-        r.accept = Some(r.serving.spawn_accept_loop(&r.cfg, r.locals(), args));
+        r.accept = Some(r.serving.spawn_accept_loop(r.locals(), args));
     }
 
     fn publish(&self, upstreams: Vec<Arc<Upstream>>) {
@@ -538,13 +612,13 @@ impl App {
             .map(|r| ListenerInfo {
                 name: r.cfg.name.clone(),
                 bind: r.addr,
-                mode: r.cfg.mode.as_str(),
+                mode: r.cfg.mode.kind().as_str(),
                 upstream: r
                     .serving
                     .upstream()
                     .map(|u| u.cfg.name.clone())
                     .unwrap_or_default(),
-                client_keepalive: r.cfg.client_keepalive,
+                client_keepalive: r.cfg.mode.http().map_or(true, |h| h.client_keepalive),
             })
             .collect();
         let forwards = self
@@ -565,7 +639,9 @@ impl App {
         let mut wanted = Vec::new();
         let mut dns_refresh = crate::config::defaults::DNS_REFRESH;
         for (lc, ports) in items {
-            let Some(ic) = &lc.intercept else { continue };
+            let Some(ic) = lc.mode.intercept() else {
+                continue;
+            };
             let l = crate::intercept::rules::Intercepted::new(&lc.name, ic, &ports)
                 .map_err(StartError::Intercept)?;
             for d in &l.redirects {
@@ -574,7 +650,7 @@ impl App {
                 tracing::info!(listener = %lc.name, destinations = %rules.join(", "), port = d.port, shared, "interception: redirect port");
             }
             wanted.push(l);
-            if let Some(f) = lc.forward.as_ref() {
+            if let Some(f) = lc.mode.forward() {
                 dns_refresh = f.origin.dns_refresh;
             }
         }
@@ -662,7 +738,11 @@ impl App {
             let kept = self
                 .listeners
                 .iter()
-                .find(|r| same(&r.cfg, lc) && r.cfg.mode == lc.mode && r.cfg.intercept.is_some())
+                .find(|r| {
+                    same(&r.cfg, lc)
+                        && r.cfg.mode.kind() == lc.mode.kind()
+                        && r.cfg.mode.intercept().is_some()
+                })
                 .map(|r| r.redirects.as_slice());
             if let Some(plan) = RedirectPlan::bind(i, lc, kept)? {
                 redirect_plans.insert(i, plan);
@@ -687,7 +767,7 @@ impl App {
                 (None, None) => continue,
             };
             let kept = existing
-                .filter(|r| r.cfg.mode == lc.mode && r.cfg.intercept.is_some())
+                .filter(|r| r.cfg.mode.kind() == lc.mode.kind() && r.cfg.mode.intercept().is_some())
                 .map(|r| r.redirects.as_slice());
             rule_ports.push((lc, plan.ports(own, kept)));
         }
@@ -735,16 +815,15 @@ impl App {
         let mut old = std::mem::take(&mut self.listeners);
         let mut next = Vec::with_capacity(cfg.listeners.len());
         for (i, lc) in cfg.listeners.iter().enumerate() {
-            let up = lc.upstream.map(|i| upstreams[i].clone());
             // A listener that changes mode is a new listener on the same
             // socket: its routing is built anew.
             let pos = old
                 .iter()
-                .position(|r| same(&r.cfg, lc) && r.cfg.mode == lc.mode);
+                .position(|r| same(&r.cfg, lc) && r.cfg.mode.kind() == lc.mode.kind());
             let mut r = match pos {
                 Some(pos) => {
                     let mut r = old.swap_remove(pos);
-                    r.serving.reconfigure(up, lc).await;
+                    r.serving.reconfigure(&upstreams, &lc.mode).await;
                     r.limit.resize(lc.max_clients);
                     r.cfg = lc.clone();
                     r
@@ -756,7 +835,7 @@ impl App {
                         // from now on reaches the new mode.
                         let mut prev = old.swap_remove(pos);
                         prev.stop_accepting().await;
-                        let mut r = self.running(lc, prev.socket.clone(), prev.addr, up);
+                        let mut r = self.running(lc, prev.socket.clone(), prev.addr, &upstreams);
                         r.limit = prev.limit.clone();
                         r.limit.resize(lc.max_clients);
                         self.retired.spawn(prev.drain(cfg.drain_timeout));
@@ -764,7 +843,7 @@ impl App {
                     }
                     None => {
                         let (socket, addr) = fresh_sockets.remove(&i).expect("bound above");
-                        self.running(lc, Arc::new(socket), addr, up)
+                        self.running(lc, Arc::new(socket), addr, &upstreams)
                     }
                 },
             };

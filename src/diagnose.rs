@@ -628,7 +628,7 @@ mod tests {
             );
         }
         let c = crate::config::load_str(cfg, Default::default()).unwrap();
-        assert_eq!(c.listeners[0].mode, crate::config::Mode::Forward);
+        assert_eq!(c.listeners[0].mode.kind(), crate::config::Mode::Forward);
         // Three or fewer: one http listener each, as before.
         sockets.retain(|s| s.remote.port() < 9003);
         let r = analyze(&sockets, sysctls);

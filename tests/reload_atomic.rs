@@ -102,7 +102,7 @@ async fn a_reload_whose_rules_nft_refuses_changes_nothing() {
     assert_eq!(app.local_addrs(), addrs);
     assert_eq!(app.shared.generation(), generation);
     assert_eq!(app.config().listeners.len(), 2);
-    let ic = app.config().listeners[1].intercept.as_ref().unwrap();
+    let ic = app.config().listeners[1].mode.intercept().unwrap();
     assert_eq!(ic.destinations.len(), 1, "the config was swapped");
     let up = &app.upstreams()[0];
     assert_eq!(up.cfg.max_connections, 4, "the upstream was swapped");

@@ -10,8 +10,8 @@ use std::path::Path;
 pub use raw::RawConfig;
 pub use validate::{
     defaults, parse_endpoint, validate, AdminConfig, Config, EndpointAddr, ForwardConfig,
-    HostHeader, InterceptConfig, ListenerConfig, Mode, OnConnectError, Problem, Protocol,
-    ServeConfig, UpstreamConfig,
+    HostHeader, HttpKeys, InterceptConfig, ListenerConfig, Mode, ModeConfig, OnConnectError,
+    Problem, Protocol, RelayKeys, ServeConfig, UpstreamConfig,
 };
 
 /// Why a config could not be used.

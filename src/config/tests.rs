@@ -26,7 +26,7 @@ endpoints = ["127.0.0.1:9000"]
 fn minimal_config_gets_defaults() {
     let c = load(MINIMAL).unwrap();
     assert_eq!(c.listeners.len(), 1);
-    assert!(c.listeners[0].client_keepalive);
+    assert!(c.listeners[0].mode.http().unwrap().client_keepalive);
     let u = &c.upstreams[0];
     assert_eq!(u.max_connections, defaults::MAX_CONNECTIONS);
     assert_eq!(u.queue_timeout, defaults::QUEUE_TIMEOUT);
@@ -245,10 +245,13 @@ fn a_config_without_listeners_is_an_error() {
 fn new_keys_parse_with_defaults() {
     let c = load(MINIMAL).unwrap();
     assert_eq!(
-        c.listeners[0].request_buffer_bytes,
+        c.listeners[0].mode.http().unwrap().request_buffer_bytes,
         defaults::REQUEST_BUFFER_BYTES
     );
-    assert_eq!(c.listeners[0].body_timeout, defaults::BODY_TIMEOUT);
+    assert_eq!(
+        c.listeners[0].mode.http().unwrap().body_timeout,
+        defaults::BODY_TIMEOUT
+    );
     assert_eq!(c.upstreams[0].body_timeout, defaults::BODY_TIMEOUT);
     let c = load(
         &MINIMAL
@@ -259,9 +262,9 @@ fn new_keys_parse_with_defaults() {
             .replace("endpoints =", "body_timeout = \"7s\"\nendpoints ="),
     )
     .unwrap();
-    assert_eq!(c.listeners[0].request_buffer_bytes, 0);
+    assert_eq!(c.listeners[0].mode.http().unwrap().request_buffer_bytes, 0);
     assert_eq!(
-        c.listeners[0].body_timeout,
+        c.listeners[0].mode.http().unwrap().body_timeout,
         std::time::Duration::from_secs(5)
     );
     assert_eq!(
@@ -315,9 +318,9 @@ allow = ["api.example.com:80", "*.partner.net:443", "198.18.0.0/15:*"]
 fn a_forward_listener_needs_no_upstream_and_gets_template_defaults() {
     let c = load(FORWARD).unwrap();
     let l = &c.listeners[0];
-    assert_eq!(l.mode, Mode::Forward);
-    assert_eq!(l.upstream, None);
-    let f = l.forward.as_ref().unwrap();
+    assert_eq!(l.mode.kind(), Mode::Forward);
+    assert_eq!(l.mode.upstream(), None);
+    let f = l.mode.forward().unwrap();
     assert_eq!(f.allow.len(), 3);
     assert_eq!(f.max_origins, defaults::MAX_ORIGINS);
     assert!(!f.via);
@@ -331,7 +334,7 @@ fn forward_defaults_set_the_origin_pools() {
         "{FORWARD}\n[forward_defaults]\nmax_connections = 2\nidle_timeout = \"5s\"\n"
     ))
     .unwrap();
-    let f = c.listeners[0].forward.as_ref().unwrap();
+    let f = c.listeners[0].mode.forward().unwrap();
     assert_eq!(f.origin.max_connections, 2);
     assert_eq!(f.origin.idle_timeout, std::time::Duration::from_secs(5));
 }
@@ -410,8 +413,11 @@ fn intercept_mistakes_are_named() {
     ))
     .unwrap();
     let l = &ok.listeners[0];
-    assert_eq!(l.mode, Mode::Intercept);
-    assert!(!l.client_keepalive, "loopmux closes first by default");
+    assert_eq!(l.mode.kind(), Mode::Intercept);
+    assert!(
+        !l.mode.http().unwrap().client_keepalive,
+        "loopmux closes first by default"
+    );
     let cases = [
         (
             base("destinations = [\"198.18.0.2:9000\"]", ""),
@@ -482,7 +488,7 @@ fn half_close_timeout_is_checked_where_it_applies() {
     let cfg =
         load(&MINIMAL.replace("upstream = \"u\"\n", "upstream = \"u\"\nmode = \"tcp\"\n")).unwrap();
     assert_eq!(
-        cfg.listeners[0].half_close_timeout,
+        cfg.listeners[0].mode.half_close_timeout().unwrap(),
         std::time::Duration::from_secs(60)
     );
     let cfg = load(&MINIMAL.replace(
@@ -491,7 +497,7 @@ fn half_close_timeout_is_checked_where_it_applies() {
     ))
     .unwrap();
     assert_eq!(
-        cfg.listeners[0].half_close_timeout,
+        cfg.listeners[0].mode.half_close_timeout().unwrap(),
         std::time::Duration::from_secs(5)
     );
     let cfg = load(&FORWARD.replace(
@@ -500,7 +506,7 @@ fn half_close_timeout_is_checked_where_it_applies() {
     ))
     .unwrap();
     assert_eq!(
-        cfg.listeners[0].half_close_timeout,
+        cfg.listeners[0].mode.half_close_timeout().unwrap(),
         std::time::Duration::from_secs(2)
     );
     let e = problems(&MINIMAL.replace(
@@ -556,13 +562,13 @@ fn serve_handshakes_are_a_limit_of_their_own() {
     let c2 = load(&toml2);
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(dir2).unwrap();
-    let s = c.listeners[0].serve.as_deref().unwrap();
+    let s = serve_of(&c.listeners[0]);
     // The README's defaults.
     assert_eq!((s.max_connections, s.max_handshakes), (1024, 1024));
     assert_eq!(c.listeners[0].max_clients, 2048);
     // The accept loop bounds the serve role's sockets: both limits.
     let c2 = c2.unwrap();
-    let s2 = c2.listeners[0].serve.as_deref().unwrap();
+    let s2 = serve_of(&c2.listeners[0]);
     assert_eq!((s2.max_connections, s2.max_handshakes), (3, 5));
     assert_eq!(c2.listeners[0].max_clients, 8);
 }
@@ -588,4 +594,11 @@ fn serve_max_handshakes_is_checked() {
     }
     let e = problems(&format!("{serve}max_handshakes = 64\n"));
     assert!(!e.contains("max_handshakes"), "{e}");
+}
+
+fn serve_of(l: &super::ListenerConfig) -> &super::ServeConfig {
+    match &l.mode {
+        super::ModeConfig::Serve(s) => s,
+        other => panic!("not the serve listener: {other:?}"),
+    }
 }

@@ -96,7 +96,7 @@ pub struct ServeConfig {
     /// within this.
     pub handshake_timeout: Duration,
     /// A stream's relay after one side's FIN (see
-    /// [`ListenerConfig::half_close_timeout`]).
+    /// [`RelayKeys::half_close_timeout`]).
     pub half_close_timeout: Duration,
     pub connect_timeout: Duration,
     pub failure_backoff: Duration,
@@ -148,14 +148,50 @@ pub struct ForwardConfig {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
-    pub mode: Mode,
-    /// Index into [`Config::upstreams`] (mode `http`).
-    pub upstream: Option<usize>,
-    /// Mode `forward`.
-    pub forward: Option<Box<ForwardConfig>>,
+    pub max_clients: usize,
+    /// The mode and only its keys.
+    pub mode: ModeConfig,
+}
+
+/// A listener's mode with the keys that apply to it: what a mode does not
+/// use, it does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModeConfig {
+    Http {
+        /// Index into [`Config::upstreams`].
+        upstream: usize,
+        http: HttpKeys,
+    },
+    Forward {
+        forward: Box<ForwardConfig>,
+        http: HttpKeys,
+        /// For the raw relays of `CONNECT`.
+        half_close_timeout: Duration,
+    },
+    Tcp(RelayKeys),
+    Tunnel {
+        relay: RelayKeys,
+        /// The CONNECT authority (`host:port`).
+        target: http::uri::Authority,
+    },
+    /// The `[serve]` section's listener.
+    Serve(Box<ServeConfig>),
+    Intercept {
+        intercept: Box<InterceptConfig>,
+        /// Interception carries HTTP/1 over per-destination pools as
+        /// forward mode does, with the destinations as allow list.
+        forward: Box<ForwardConfig>,
+        http: HttpKeys,
+        /// For the opaque relays.
+        half_close_timeout: Duration,
+    },
+}
+
+/// The client side of an HTTP/1 listener (`http`, `forward`, `intercept`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpKeys {
     pub client_keepalive: bool,
     pub header_timeout: Duration,
-    pub max_clients: usize,
     pub max_header_bytes: usize,
     /// One log line per request (target `loopmux::access`).
     pub access_log: bool,
@@ -165,20 +201,84 @@ pub struct ListenerConfig {
     /// The client must move request body bytes, and take response bytes,
     /// at least this often.
     pub body_timeout: Duration,
-    /// `tcp`: a connection with no byte either way for this long is closed.
+}
+
+/// A raw relay listener's keys (`tcp`, `tunnel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayKeys {
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// A connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
-    /// Raw relays (tcp, tunnel, CONNECT, intercepted opaque, the serve
-    /// role): once one side has sent its FIN, the other direction may be
-    /// silent this long.
+    /// Once one side has sent its FIN, the other direction may be silent
+    /// this long.
     pub half_close_timeout: Duration,
-    /// `tcp`: what the client gets when no upstream can be dialed.
+    /// What the client gets when no upstream can be dialed.
     pub on_connect_error: OnConnectError,
-    /// `tunnel`: the CONNECT authority (`host:port`).
-    pub target: Option<http::uri::Authority>,
-    /// The `[serve]` section's listener.
-    pub serve: Option<Box<ServeConfig>>,
-    /// Mode `intercept`.
-    pub intercept: Option<Box<InterceptConfig>>,
+}
+
+impl ModeConfig {
+    pub fn kind(&self) -> Mode {
+        match self {
+            ModeConfig::Http { .. } => Mode::Http,
+            ModeConfig::Forward { .. } => Mode::Forward,
+            ModeConfig::Tcp(_) => Mode::Tcp,
+            ModeConfig::Tunnel { .. } => Mode::Tunnel,
+            ModeConfig::Serve(_) => Mode::Serve,
+            ModeConfig::Intercept { .. } => Mode::Intercept,
+        }
+    }
+
+    /// The `[[upstream]]` the listener sends to (`http`, `tcp`, `tunnel`).
+    pub fn upstream(&self) -> Option<usize> {
+        match self {
+            ModeConfig::Http { upstream, .. } => Some(*upstream),
+            ModeConfig::Tcp(r) | ModeConfig::Tunnel { relay: r, .. } => Some(r.upstream),
+            _ => None,
+        }
+    }
+
+    /// The HTTP/1 client side's keys, where there is one.
+    pub fn http(&self) -> Option<&HttpKeys> {
+        match self {
+            ModeConfig::Http { http, .. }
+            | ModeConfig::Forward { http, .. }
+            | ModeConfig::Intercept { http, .. } => Some(http),
+            _ => None,
+        }
+    }
+
+    /// The per-origin routing (`forward`, `intercept`).
+    pub fn forward(&self) -> Option<&ForwardConfig> {
+        match self {
+            ModeConfig::Forward { forward, .. } | ModeConfig::Intercept { forward, .. } => {
+                Some(forward)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn intercept(&self) -> Option<&InterceptConfig> {
+        match self {
+            ModeConfig::Intercept { intercept, .. } => Some(intercept),
+            _ => None,
+        }
+    }
+
+    /// Raw relays' `half_close_timeout` (every mode but `http`).
+    pub fn half_close_timeout(&self) -> Option<Duration> {
+        match self {
+            ModeConfig::Http { .. } => None,
+            ModeConfig::Forward {
+                half_close_timeout, ..
+            }
+            | ModeConfig::Intercept {
+                half_close_timeout, ..
+            } => Some(*half_close_timeout),
+            ModeConfig::Tcp(r) | ModeConfig::Tunnel { relay: r, .. } => Some(r.half_close_timeout),
+            ModeConfig::Serve(s) => Some(s.half_close_timeout),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1143,25 +1243,51 @@ fn listener(
         );
     }
     let access_log = c.flag(k("access_log"), &l.access_log, false);
-    Some(ListenerConfig {
-        name,
-        bind: bind?,
-        mode,
-        upstream,
-        forward,
+    let http = HttpKeys {
         client_keepalive,
-        access_log,
         header_timeout,
-        max_clients,
         max_header_bytes,
+        access_log,
         request_buffer_bytes,
         body_timeout,
+    };
+    let relay = |upstream| RelayKeys {
+        upstream,
         idle_timeout,
         half_close_timeout,
         on_connect_error,
-        target,
-        serve: None,
-        intercept,
+    };
+    // Each arm's parts were checked above: a missing one has been
+    // reported, and the listener is left out.
+    let mode = match mode {
+        Mode::Http => ModeConfig::Http {
+            upstream: upstream?,
+            http,
+        },
+        Mode::Forward => ModeConfig::Forward {
+            forward: forward?,
+            http,
+            half_close_timeout,
+        },
+        Mode::Tcp => ModeConfig::Tcp(relay(upstream?)),
+        Mode::Tunnel => ModeConfig::Tunnel {
+            relay: relay(upstream?),
+            target: target?,
+        },
+        Mode::Intercept => ModeConfig::Intercept {
+            intercept: intercept?,
+            forward: forward?,
+            http,
+            half_close_timeout,
+        },
+        // `[serve]` is not a `[[listener]]` mode (see `serve`).
+        Mode::Serve => return None,
+    };
+    Some(ListenerConfig {
+        name,
+        bind: bind?,
+        max_clients,
+        mode,
     })
 }
 
@@ -1504,23 +1630,9 @@ fn serve(c: &mut Checker, s: &super::raw::RawServe, egress: &[IpAddr]) -> Option
     Some(ListenerConfig {
         name: "serve".into(),
         bind: bind?,
-        mode: Mode::Serve,
-        upstream: None,
-        forward: None,
-        client_keepalive: true,
-        header_timeout: cfg.handshake_timeout,
         // Every socket the serve role holds: the role itself splits them
         // into handshakes and connections past theirs.
         max_clients: max_connections + max_handshakes,
-        max_header_bytes: defaults::MAX_HEADER_BYTES,
-        access_log: false,
-        request_buffer_bytes: 0,
-        body_timeout: defaults::BODY_TIMEOUT,
-        idle_timeout: cfg.idle_timeout,
-        half_close_timeout: cfg.half_close_timeout,
-        on_connect_error: OnConnectError::Close,
-        target: None,
-        serve: Some(Box::new(cfg)),
-        intercept: None,
+        mode: ModeConfig::Serve(Box::new(cfg)),
     })
 }

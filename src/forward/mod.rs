@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use http::{HeaderValue, StatusCode};
 
 use crate::allow::{Denial, Host};
-use crate::config::{EndpointAddr, ForwardConfig, ListenerConfig, Protocol, UpstreamConfig};
+use crate::config::{EndpointAddr, ForwardConfig, Protocol, UpstreamConfig};
 use crate::metrics::ForwardStats;
 use crate::upstream::dialer::{DialError, Dialer};
 use crate::upstream::{AddressVeto, RawDialError, StartWith, Upstream, Veto, Vetoed};
@@ -106,19 +106,20 @@ fn dialer_for(cfg: &ForwardConfig) -> Arc<Dialer> {
 use crate::allow::is_self;
 
 impl Forward {
-    pub fn new(lc: &ListenerConfig, local: SocketAddr, stats: ForwardStats) -> Arc<Forward> {
-        let cfg = Arc::new(
-            (**lc
-                .forward
-                .as_ref()
-                .expect("a forward listener has its forward config"))
-            .clone(),
-        );
+    /// `half_close`: the listener's `half_close_timeout`, for the raw
+    /// relays of CONNECT and opaque interception.
+    pub fn new(
+        cfg: &ForwardConfig,
+        half_close: std::time::Duration,
+        local: SocketAddr,
+        stats: ForwardStats,
+    ) -> Arc<Forward> {
+        let cfg = Arc::new(cfg.clone());
         let f = Arc::new(Forward {
             settings: RwLock::new(Settings {
                 dialer: dialer_for(&cfg),
                 cfg,
-                half_close: lc.half_close_timeout,
+                half_close,
             }),
             origins: Arc::new(Origins::default()),
             local,
@@ -170,13 +171,10 @@ impl Forward {
     /// (invariants 1 and 8). Only an origin whose connections themselves
     /// change (TLS, protocol) is dropped; its requests in flight finish
     /// on the old pools.
-    pub async fn reconfigure(&self, lc: &ListenerConfig) {
-        let Some(new) = lc.forward.as_deref() else {
-            return;
-        };
+    pub async fn reconfigure(&self, new: &ForwardConfig, half_close: std::time::Duration) {
         let cfg = {
             let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-            s.half_close = lc.half_close_timeout;
+            s.half_close = half_close;
             if *s.cfg == *new {
                 return;
             }

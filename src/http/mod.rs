@@ -14,7 +14,7 @@ use http_body_util::{Either, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::config::ListenerConfig;
+use crate::config::HttpKeys;
 use crate::listener::Drain;
 use crate::stall::StallIo;
 use body::RespStream;
@@ -82,7 +82,7 @@ impl HttpServer {
         &self.proxy
     }
 
-    pub fn new(cfg: &ListenerConfig, proxy: Arc<Proxy>) -> Self {
+    pub fn new(cfg: &HttpKeys, proxy: Arc<Proxy>) -> Self {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())

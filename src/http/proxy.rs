@@ -14,7 +14,7 @@ use super::body::{ClientBodyError, ReqBody, RespStream};
 use super::error::ProxyError;
 use super::headers;
 use super::{AccessRecord, RespBody};
-use crate::config::ListenerConfig;
+use crate::config::HttpKeys;
 use crate::forward::{Forward, ForwardError, Route as ForwardRoute};
 use crate::upstream::client::{Lease, UpstreamError};
 use crate::upstream::conn::AppProtocol;
@@ -55,26 +55,40 @@ struct Forwarded {
 }
 
 impl Proxy {
-    /// A proxy to `upstream` (mode http) or, without one, to the origins
-    /// `forward` routes to.
-    pub fn new(
-        lc: &ListenerConfig,
-        upstream: Option<Arc<Upstream>>,
-        forward: Option<Arc<Forward>>,
+    /// A proxy to one upstream (mode http).
+    pub fn fixed(
+        name: &str,
+        http: &HttpKeys,
+        upstream: Arc<Upstream>,
         stats: crate::metrics::ListenerStats,
     ) -> Self {
-        let route = match (upstream, forward) {
-            (_, Some(f)) => Route::Forward(f),
-            (Some(u), None) => Route::Fixed(RwLock::new(u)),
-            (None, None) => unreachable!("a listener has an upstream or forward routing"),
-        };
+        Self::new(name, http, Route::Fixed(RwLock::new(upstream)), stats)
+    }
+
+    /// A proxy to the origins `forward` routes to (modes forward and
+    /// intercept).
+    pub fn routed(
+        name: &str,
+        http: &HttpKeys,
+        forward: Arc<Forward>,
+        stats: crate::metrics::ListenerStats,
+    ) -> Self {
+        Self::new(name, http, Route::Forward(forward), stats)
+    }
+
+    fn new(
+        name: &str,
+        http: &HttpKeys,
+        route: Route,
+        stats: crate::metrics::ListenerStats,
+    ) -> Self {
         Proxy {
-            listener: lc.name.as_str().into(),
+            listener: name.into(),
             route,
             stats,
-            access_log: AtomicBool::new(lc.access_log),
-            request_buffer_bytes: AtomicUsize::new(lc.request_buffer_bytes),
-            body_timeout_ms: AtomicU64::new(lc.body_timeout.as_millis() as u64),
+            access_log: AtomicBool::new(http.access_log),
+            request_buffer_bytes: AtomicUsize::new(http.request_buffer_bytes),
+            body_timeout_ms: AtomicU64::new(http.body_timeout.as_millis() as u64),
         }
     }
 
@@ -95,20 +109,17 @@ impl Proxy {
     }
 
     /// Reload: new requests (also on open client connections) go to `up`
-    /// under `lc`'s settings; requests in flight finish as they started.
-    pub async fn reconfigure(&self, up: Option<Arc<Upstream>>, lc: &ListenerConfig) {
-        match (&self.route, up) {
-            (Route::Fixed(u), Some(up)) => {
-                *u.write().unwrap_or_else(|p| p.into_inner()) = up;
-            }
-            (Route::Forward(f), _) => f.reconfigure(lc).await,
-            _ => {}
+    /// (mode http; forward routing is reconfigured on its own) under
+    /// `http`'s settings; requests in flight finish as they started.
+    pub fn reconfigure(&self, up: Option<Arc<Upstream>>, http: &HttpKeys) {
+        if let (Route::Fixed(u), Some(up)) = (&self.route, up) {
+            *u.write().unwrap_or_else(|p| p.into_inner()) = up;
         }
-        self.access_log.store(lc.access_log, Ordering::Relaxed);
+        self.access_log.store(http.access_log, Ordering::Relaxed);
         self.request_buffer_bytes
-            .store(lc.request_buffer_bytes, Ordering::Relaxed);
+            .store(http.request_buffer_bytes, Ordering::Relaxed);
         self.body_timeout_ms
-            .store(lc.body_timeout.as_millis() as u64, Ordering::Relaxed);
+            .store(http.body_timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// An upstream stopped sending its response body.

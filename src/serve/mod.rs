@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::allow::target::of_connect;
 use crate::allow::{Denial, Host};
-use crate::config::{ListenerConfig, ServeConfig};
+use crate::config::ServeConfig;
 use crate::listener::{ClientLimit, Drain, LIMIT_WARN_EVERY};
 use crate::metrics::ServeStats;
 use crate::prefixed::Prefixed;
@@ -220,11 +220,7 @@ async fn preface<S: AsyncRead + Unpin>(io: &mut S) -> Result<Bytes, PrefaceError
 }
 
 impl ServeServer {
-    pub fn new(lc: &ListenerConfig, local: SocketAddr, stats: ServeStats) -> Arc<ServeServer> {
-        let cfg = lc
-            .serve
-            .as_deref()
-            .expect("the serve listener has its config");
+    pub fn new(cfg: &ServeConfig, local: SocketAddr, stats: ServeStats) -> Arc<ServeServer> {
         Arc::new(ServeServer {
             settings: RwLock::new(settings(cfg)),
             local,
@@ -236,10 +232,7 @@ impl ServeServer {
 
     /// A reload: new connections and streams use the new settings; open
     /// ones carry on. Lower limits apply as connections leave.
-    pub fn reconfigure(&self, lc: &ListenerConfig) {
-        let Some(cfg) = lc.serve.as_deref() else {
-            return;
-        };
+    pub fn reconfigure(&self, cfg: &ServeConfig) {
         self.handshakes.places.resize(cfg.max_handshakes);
         self.connections.places.resize(cfg.max_connections);
         let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());

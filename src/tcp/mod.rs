@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::config::{ListenerConfig, OnConnectError};
+use crate::config::{OnConnectError, RelayKeys};
 use crate::listener::Drain;
 use crate::metrics::RawStats;
 use crate::upstream::{RawConn, Upstream};
@@ -69,14 +69,21 @@ fn action_code(a: OnConnectError) -> u8 {
 }
 
 impl TcpServer {
-    pub fn new(lc: &ListenerConfig, upstream: Arc<Upstream>, stats: RawStats) -> Self {
+    /// `target`: a tunnel listener's CONNECT authority (none: mode tcp).
+    pub fn new(
+        name: &str,
+        lc: &RelayKeys,
+        target: Option<http::uri::Authority>,
+        upstream: Arc<Upstream>,
+        stats: RawStats,
+    ) -> Self {
         TcpServer {
-            listener: lc.name.as_str().into(),
+            listener: name.into(),
             upstream: RwLock::new(upstream),
             idle_timeout_ms: AtomicU64::new(lc.idle_timeout.as_millis() as u64),
             half_close_timeout_ms: AtomicU64::new(lc.half_close_timeout.as_millis() as u64),
             on_connect_error: AtomicU8::new(action_code(lc.on_connect_error)),
-            target: RwLock::new(lc.target.clone()),
+            target: RwLock::new(target),
             stats,
         }
     }
@@ -90,7 +97,12 @@ impl TcpServer {
 
     /// Reload: new connections use `up` and `lc`'s settings; open ones
     /// carry on as they started.
-    pub fn reconfigure(&self, up: Arc<Upstream>, lc: &ListenerConfig) {
+    pub fn reconfigure(
+        &self,
+        up: Arc<Upstream>,
+        lc: &RelayKeys,
+        target: Option<http::uri::Authority>,
+    ) {
         *self.upstream.write().unwrap_or_else(|p| p.into_inner()) = up;
         self.idle_timeout_ms
             .store(lc.idle_timeout.as_millis() as u64, Ordering::Relaxed);
@@ -98,7 +110,7 @@ impl TcpServer {
             .store(lc.half_close_timeout.as_millis() as u64, Ordering::Relaxed);
         self.on_connect_error
             .store(action_code(lc.on_connect_error), Ordering::Relaxed);
-        *self.target.write().unwrap_or_else(|p| p.into_inner()) = lc.target.clone();
+        *self.target.write().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
     fn timeouts(&self) -> relay::Timeouts {
