@@ -66,19 +66,26 @@ pub fn bind_all(cfg: &Config) -> Result<Bound, listener::BindError> {
     Ok(Bound { listeners, admin })
 }
 
-/// What a listener's connections are served by, kept across reloads.
+/// What a listener's connections are served by, kept across reloads,
+/// with the keys the next accept loop starts with.
 enum Serving {
-    /// `http` and `forward`, with the client side's keys the next accept
-    /// loop starts with.
-    Proxy {
+    Http {
         proxy: Arc<Proxy>,
         http: HttpKeys,
     },
+    /// The proxy's router is `forward`.
+    Forward {
+        proxy: Arc<Proxy>,
+        forward: Arc<Forward>,
+        http: HttpKeys,
+    },
+    /// `tcp` and `tunnel`.
     Tcp(Arc<TcpServer>),
     Serve(Arc<ServeServer>),
-    /// `intercept`: forward routing behind SO_ORIGINAL_DST.
+    /// Forward routing behind SO_ORIGINAL_DST.
     Intercept {
         proxy: Arc<Proxy>,
+        forward: Arc<Forward>,
         http: HttpKeys,
         intercept: Box<InterceptConfig>,
         stats: crate::metrics::RawStats,
@@ -89,18 +96,16 @@ enum Serving {
 impl Serving {
     fn upstream(&self) -> Option<Arc<Upstream>> {
         match self {
-            Serving::Proxy { proxy, .. } => proxy.upstream(),
+            Serving::Http { proxy, .. } => proxy.upstream(),
             Serving::Tcp(t) => Some(t.upstream()),
-            Serving::Serve(_) | Serving::Intercept { .. } => None,
+            Serving::Forward { .. } | Serving::Serve(_) | Serving::Intercept { .. } => None,
         }
     }
 
     fn forward(&self) -> Option<&Arc<Forward>> {
         match self {
-            Serving::Proxy { proxy, .. } | Serving::Intercept { proxy, .. } => {
-                proxy.forward_routing()
-            }
-            Serving::Tcp(_) | Serving::Serve(_) => None,
+            Serving::Forward { forward, .. } | Serving::Intercept { forward, .. } => Some(forward),
+            Serving::Http { .. } | Serving::Tcp(_) | Serving::Serve(_) => None,
         }
     }
 
@@ -110,12 +115,16 @@ impl Serving {
         // Validation checked every upstream index against this list.
         let up = mode.upstream().map(|i| upstreams[i].clone());
         match (self, mode) {
-            (Serving::Proxy { proxy, http: keys }, ModeConfig::Http { http, .. }) => {
+            (Serving::Http { proxy, http: keys }, ModeConfig::Http { http, .. }) => {
                 proxy.reconfigure(up, http);
-                *keys = http.clone();
+                keys.clone_from(http);
             }
             (
-                Serving::Proxy { proxy, http: keys },
+                Serving::Forward {
+                    proxy,
+                    forward: f,
+                    http: keys,
+                },
                 ModeConfig::Forward {
                     forward,
                     http,
@@ -123,14 +132,13 @@ impl Serving {
                 },
             ) => {
                 proxy.reconfigure(None, http);
-                *keys = http.clone();
-                if let Some(f) = proxy.forward_routing() {
-                    f.reconfigure(forward, *half_close_timeout).await;
-                }
+                keys.clone_from(http);
+                f.reconfigure(forward, *half_close_timeout).await;
             }
             (
                 Serving::Intercept {
                     proxy,
+                    forward: f,
                     http: keys,
                     intercept: ic,
                     ..
@@ -143,11 +151,9 @@ impl Serving {
                 },
             ) => {
                 proxy.reconfigure(None, http);
-                *keys = http.clone();
+                keys.clone_from(http);
                 ic.clone_from(intercept);
-                if let Some(f) = proxy.forward_routing() {
-                    f.reconfigure(forward, *half_close_timeout).await;
-                }
+                f.reconfigure(forward, *half_close_timeout).await;
             }
             (Serving::Tcp(t), ModeConfig::Tcp(relay)) => {
                 if let Some(up) = up {
@@ -164,25 +170,26 @@ impl Serving {
         }
     }
 
-    /// Starts the accept loop for new connections, under `lc`'s settings,
-    /// with the mode's [`listener::Serve`]; `locals` are the listener's own
-    /// addresses, all of its sockets. The one place that turns a mode into
-    /// what serves it.
+    /// Starts the accept loop for new connections with the mode's
+    /// [`listener::Serve`]; `locals` are the listener's own addresses, all
+    /// of its sockets.
     fn spawn_accept_loop(&self, locals: Vec<SocketAddr>, a: AcceptArgs) -> JoinHandle<()> {
         match self {
-            Serving::Proxy { proxy, http } => {
+            Serving::Http { proxy, http } | Serving::Forward { proxy, http, .. } => {
                 a.spawn(Arc::new(HttpServer::new(http, proxy.clone())))
             }
             Serving::Tcp(t) => a.spawn(t.clone()),
             Serving::Serve(s) => a.spawn(s.clone()),
             Serving::Intercept {
                 proxy,
+                forward,
                 http,
                 intercept,
                 stats,
                 kinds,
             } => a.spawn(Arc::new(crate::intercept::InterceptServer::new(
                 Arc::new(HttpServer::new(http, proxy.clone())),
+                forward.clone(),
                 intercept,
                 locals,
                 stats.clone(),
@@ -507,7 +514,9 @@ impl App {
         let up = |i: usize| upstreams[i].clone();
         let routed = |forward, http, half_close| {
             let f = Forward::new(forward, half_close, addr, self.metrics.forward(name));
-            Arc::new(Proxy::routed(name, http, f, self.metrics.listener(name)))
+            let router: Arc<dyn crate::http::route::Router> = f.clone();
+            let proxy = Proxy::routed(name, http, router, self.metrics.listener(name));
+            (Arc::new(proxy), f)
         };
         let serving = match &lc.mode {
             ModeConfig::Serve(cfg) => {
@@ -518,22 +527,30 @@ impl App {
                 forward,
                 http,
                 half_close_timeout,
-            } => Serving::Intercept {
-                proxy: routed(forward, http, *half_close_timeout),
-                http: http.clone(),
-                intercept: intercept.clone(),
-                stats: self.metrics.tcp(name),
-                kinds: self.metrics.intercept(name),
-            },
+            } => {
+                let (proxy, forward) = routed(forward, http, *half_close_timeout);
+                Serving::Intercept {
+                    proxy,
+                    forward,
+                    http: http.clone(),
+                    intercept: intercept.clone(),
+                    stats: self.metrics.tcp(name),
+                    kinds: self.metrics.intercept(name),
+                }
+            }
             ModeConfig::Forward {
                 forward,
                 http,
                 half_close_timeout,
-            } => Serving::Proxy {
-                proxy: routed(forward, http, *half_close_timeout),
-                http: http.clone(),
-            },
-            ModeConfig::Http { upstream, http } => Serving::Proxy {
+            } => {
+                let (proxy, forward) = routed(forward, http, *half_close_timeout);
+                Serving::Forward {
+                    proxy,
+                    forward,
+                    http: http.clone(),
+                }
+            }
+            ModeConfig::Http { upstream, http } => Serving::Http {
                 proxy: Arc::new(Proxy::fixed(
                     name,
                     http,

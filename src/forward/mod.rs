@@ -3,21 +3,22 @@
 //! `http::proxy`'s, the same as for an `http` listener.
 
 pub mod origins;
+mod router;
 pub mod tunnel;
 
 /// Where a proxy request wants to go: the policy layer's.
 pub use crate::allow::target;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 
 use crate::allow::{Denial, Host};
 use crate::config::{EndpointAddr, ForwardConfig, Protocol, UpstreamConfig};
 use crate::metrics::ForwardStats;
 use crate::upstream::dialer::{DialError, Dialer};
-use crate::upstream::{AddressVeto, RawDialError, StartWith, Upstream, Veto, Vetoed};
+use crate::upstream::{AddressVeto, StartWith, Upstream, Veto, Vetoed};
 use origins::{OriginGuard, Origins};
 use target::{Target, TargetError};
 
@@ -389,7 +390,9 @@ impl Forward {
         let target = self.admit(&cfg, target::of_request(&parts.uri)?)?;
         let route = self.origin(&cfg, &target).await?;
         if route.via {
-            parts.headers.append(http::header::VIA, via_value());
+            parts
+                .headers
+                .append(http::header::VIA, crate::http::headers::via());
         }
         Ok(route)
     }
@@ -434,27 +437,8 @@ impl Forward {
             }
             Err(e) => {
                 self.stats.tunnels.connect_failures.inc();
-                Err(match e {
-                    RawDialError::Dial(source) => ForwardError::Connect {
-                        target: target.to_string(),
-                        source,
-                    },
-                    RawDialError::NoEndpoint => ForwardError::Unresolved {
-                        target: target.to_string(),
-                        reason: "resolves to no address".into(),
-                    },
-                })
+                Err(ForwardError::of_dial(&target, e))
             }
         }
     }
-}
-
-/// The `Via` loopmux adds when a forward listener has `via = true`.
-pub fn via_value() -> HeaderValue {
-    HeaderValue::from_static("1.1 loopmux")
-}
-
-/// A slot for a tunnel's hand-off, one per CONNECT.
-pub fn handoff(t: tunnel::PendingTunnel) -> tunnel::Handoff {
-    tunnel::Handoff(Arc::new(Mutex::new(Some(t))))
 }

@@ -2,8 +2,6 @@
 //! through the forward listener's dialer, bytes copied exactly both ways,
 //! a FIN in one direction passed on while the other keeps flowing.
 
-use std::sync::{Arc, Mutex};
-
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -23,17 +21,6 @@ pub struct PendingTunnel {
     /// (`forward_defaults.idle_timeout`); after one side's FIN,
     /// `half_closed` (the listener's `half_close_timeout`).
     pub timeouts: Timeouts,
-}
-
-/// Carries a [`PendingTunnel`] from the request handler to the connection
-/// that runs it (response extensions must be `Clone`).
-#[derive(Clone)]
-pub struct Handoff(pub Arc<Mutex<Option<PendingTunnel>>>);
-
-impl Handoff {
-    pub fn take(&self) -> Option<PendingTunnel> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
 }
 
 /// Runs the tunnel to its end: both directions closed, an error, idle

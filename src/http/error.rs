@@ -34,10 +34,10 @@ pub enum ProxyError {
     },
     #[error("{0} is not supported by an http listener")]
     MethodNotAllowed(http::Method),
-    /// A forward listener's routing refused the request.
+    /// The listener's router refused the request.
     /// Boxed: every request's result is as large as its largest error.
     #[error(transparent)]
-    Forward(Box<crate::forward::ForwardError>),
+    Refused(Box<super::route::Refusal>),
 }
 
 impl ProxyError {
@@ -61,12 +61,7 @@ impl ProxyError {
         match self {
             ProxyError::Upstream(e) => e.side(),
             ProxyError::ResponseCoding { .. } => Side::Upstream,
-            ProxyError::Forward(f) => match **f {
-                crate::forward::ForwardError::Connect { .. }
-                | crate::forward::ForwardError::Unresolved { .. } => Side::Upstream,
-                crate::forward::ForwardError::OriginsFull { .. } => Side::Loopmux,
-                _ => Side::Client,
-            },
+            ProxyError::Refused(r) => r.side,
             _ => Side::Client,
         }
     }
@@ -89,33 +84,17 @@ impl ProxyError {
             ProxyError::RequestCoding(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ResponseCoding { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::Forward(f) => f.status(),
+            ProxyError::Refused(r) => r.status,
         }
     }
     /// `502 Bad Gateway: upstream "partner": connect to 10.0.0.2:80 from
     /// 10.0.0.11 failed: ECONNREFUSED (Connection refused)`.
     pub fn into_response(&self, upstream: &str) -> Response<super::RespBody> {
-        let status = self.status();
-        let text = match self {
-            ProxyError::Forward(_) => format!(
-                "{} {}: forward proxy: {self}\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            ),
-            _ => format!(
-                "{} {}: upstream \"{upstream}\": {self}\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            ),
+        let who = match self {
+            ProxyError::Refused(r) => r.by.to_string(),
+            _ => format!("upstream \"{upstream}\""),
         };
-        let mut resp = Response::new(super::RespBody::Right(Full::new(Bytes::from(text))));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        resp.headers_mut()
-            .insert("x-loopmux-error", HeaderValue::from_static(self.kind()));
+        let mut resp = answer(self.status(), self.kind(), &who, self).map(super::RespBody::Right);
         if let ProxyError::ClientBody(_) = self {
             // The rest of the body is unread or unreadable: the connection
             // cannot carry another request.
@@ -155,7 +134,32 @@ impl ProxyError {
                 "unsupported-coding"
             }
             ProxyError::MethodNotAllowed(_) => "method",
-            ProxyError::Forward(f) => f.kind(),
+            ProxyError::Refused(r) => r.kind,
         }
     }
+}
+
+/// loopmux's own answer, the one shape for every mode:
+/// `502 Bad Gateway: <who>: <reason>` as plain text, with the reason's
+/// word in `x-loopmux-error`.
+pub fn answer(
+    status: StatusCode,
+    kind: &'static str,
+    who: &str,
+    reason: &dyn std::fmt::Display,
+) -> Response<Full<Bytes>> {
+    let text = format!(
+        "{} {}: {who}: {reason}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert("x-loopmux-error", HeaderValue::from_static(kind));
+    resp
 }

@@ -57,6 +57,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The `Via` loopmux adds when a listener has `via = true`.
+pub fn via() -> HeaderValue {
+    HeaderValue::from_static("1.1 loopmux")
+}
+
 /// Removes `Expect` from a request going upstream (see [`HOP_BY_HOP`]).
 pub fn strip_expect(headers: &mut HeaderMap) {
     headers.remove(header::EXPECT);

@@ -6,6 +6,7 @@ pub mod error;
 pub mod first;
 pub mod headers;
 pub mod proxy;
+pub mod route;
 
 use std::sync::Arc;
 
@@ -108,102 +109,71 @@ impl HttpServer {
     }
 
     /// Serves one client connection to its end: after its current
-    /// exchange once the drain has begun, at once at its deadline.
-    /// `first`: what the client sent first, which hyper reads first.
-    pub async fn serve(&self, stream: TcpStream, first: first::First, drain: &Drain) {
+    /// exchange once the drain has begun, at once at its deadline, and
+    /// after the `CONNECT` tunnels it started. `first`: what the client
+    /// sent first, which hyper reads first. `original`: an intercepted
+    /// connection's destination, given to each of its requests.
+    pub async fn serve(
+        &self,
+        stream: first::Prefixed<TcpStream>,
+        first_waited: std::time::Duration,
+        drain: &Arc<Drain>,
+        original: Option<std::net::SocketAddr>,
+    ) {
         // A slow first byte is not a fresh header timeout.
-        let late = (first.waited >= FIRST_BYTE_SLACK).then(|| FirstHead {
-            at: tokio::time::Instant::now() + self.header_timeout.saturating_sub(first.waited),
+        let late = (first_waited >= FIRST_BYTE_SLACK).then(|| FirstHead {
+            at: tokio::time::Instant::now() + self.header_timeout.saturating_sub(first_waited),
             seen: Arc::default(),
         });
-        if let Some(f) = self.proxy.forward_routing() {
-            let stats = f.stats.tunnels.clone();
-            // Boxed: its state (a connection with upgrades, a tunnel) would
-            // otherwise grow every http-mode connection's task too.
-            let stream = first::Prefixed::new(first.bytes, stream);
-            Box::pin(self.serve_forward(stream, late, &stats, drain, None)).await;
-            return;
-        }
+        let routed = self.proxy.is_routed();
+        let tunnels = routed.then(|| route::Tunnels::new(drain.clone()));
         let proxy = self.proxy.clone();
         let seen = FirstHead::marker(&late);
+        let conn_tunnels = tunnels.clone();
         // hyper's own `service_fn`, no tower stack: a tower layer for the
         // response metrics (ServiceBuilder, and an adapter to hyper) moved
         // the request's few-KiB future into wrappers of its own and cost
         // about 1,100 instructions per request under callgrind (2 %);
         // `Proxy::handle` records the metrics itself.
-        let svc = hyper::service::service_fn(move |req| {
-            FirstHead::mark(&seen);
-            let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
-        });
-        let stream = first::Prefixed::new(first.bytes, stream);
-        let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
-        let conn = self.builder.serve_connection(io, svc);
-        tokio::pin!(conn);
-        let done = within_first_head(
-            drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()),
-            late,
-        )
-        .await
-        .flatten();
-        if let Some(Err(e)) = done {
-            self.proxy.connection_error(&e);
-        }
-    }
-}
-
-impl HttpServer {
-    /// A forward connection: requests as in `serve`, and `CONNECT`, whose
-    /// tunnel runs here once hyper hands the connection over.
-    /// `original`: an intercepted connection's destination, given to each
-    /// of its requests.
-    pub(crate) async fn serve_forward(
-        &self,
-        stream: first::Prefixed<TcpStream>,
-        late: Option<FirstHead>,
-        stats: &crate::metrics::RawStats,
-        drain: &Drain,
-        original: Option<std::net::SocketAddr>,
-    ) {
-        let proxy = self.proxy.clone();
-        let tunnel: Arc<std::sync::Mutex<Option<crate::forward::tunnel::PendingTunnel>>> =
-            Arc::default();
-        let slot = tunnel.clone();
-        let seen = FirstHead::marker(&late);
         let svc =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 FirstHead::mark(&seen);
-                let proxy = proxy.clone();
-                let slot = slot.clone();
                 if let Some(dst) = original {
                     req.extensions_mut().insert(crate::allow::OriginalDst(dst));
                 }
-                async move {
-                    let mut resp = proxy.handle(req).await;
-                    if let Some(h) = resp
-                        .extensions_mut()
-                        .remove::<crate::forward::tunnel::Handoff>()
-                    {
-                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = h.take();
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
+                // Only a CONNECT starts a tunnel.
+                let tunnels = match &conn_tunnels {
+                    Some(t) if req.method() == http::Method::CONNECT => Some(t.clone()),
+                    _ => None,
+                };
+                let proxy = proxy.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, tunnels).await) }
             });
         let io = TokioIo::new(StallIo::new(stream, self.body_timeout));
-        let conn = self.builder.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        let done = within_first_head(
-            drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()),
-            late,
-        )
-        .await
-        .flatten();
-        if let Some(Err(e)) = done {
+        let conn = self.builder.serve_connection(io, svc);
+        let done = if routed {
+            // Boxed: a connection with upgrades would otherwise grow every
+            // http-mode connection's task too.
+            let conn = conn.with_upgrades();
+            tokio::pin!(conn);
+            Box::pin(within_first_head(
+                drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()),
+                late,
+            ))
+            .await
+        } else {
+            tokio::pin!(conn);
+            within_first_head(
+                drain.until_drained(conn.as_mut(), |c| c.graceful_shutdown()),
+                late,
+            )
+            .await
+        };
+        if let Some(Err(e)) = done.flatten() {
             self.proxy.connection_error(&e);
         }
-        let pending = tunnel.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = pending {
-            crate::forward::tunnel::run(t, drain.deadline.clone(), stats).await;
+        if let Some(t) = tunnels {
+            t.wait().await;
         }
     }
 }
@@ -260,6 +230,8 @@ impl crate::listener::Serve for HttpServer {
         let Some(first) = self.first_bytes(&stream, drain).await else {
             return;
         };
-        Box::pin(self.serve(stream, first, drain)).await
+        let waited = first.waited;
+        let stream = first::Prefixed::new(first.bytes, stream);
+        Box::pin(self.serve(stream, waited, drain, None)).await
     }
 }

@@ -13,9 +13,9 @@ use hyper::body::Incoming;
 use super::body::{ClientBodyError, ReqBody, RespStream};
 use super::error::ProxyError;
 use super::headers;
+use super::route::{Refusal, Routed, Router, Tunnels};
 use super::{AccessRecord, RespBody};
 use crate::config::HttpKeys;
-use crate::forward::{Forward, ForwardError, Route as ForwardRoute};
 use crate::upstream::client::{Lease, UpstreamError};
 use crate::upstream::conn::AppProtocol;
 use crate::upstream::Upstream;
@@ -25,8 +25,9 @@ enum Route {
     /// Mode `http`: one upstream, swapped by a reload; each request reads
     /// it once.
     Fixed(RwLock<Arc<Upstream>>),
-    /// Mode `forward`: the origin each request names.
-    Forward(Arc<Forward>),
+    /// Modes `forward` and `intercept`: where the router sends each
+    /// request.
+    Routed(Arc<dyn Router>),
 }
 
 /// Forwards requests of one listener to its upstream. Shared by all of the
@@ -65,15 +66,15 @@ impl Proxy {
         Self::new(name, http, Route::Fixed(RwLock::new(upstream)), stats)
     }
 
-    /// A proxy to the origins `forward` routes to (modes forward and
+    /// A proxy to wherever `router` sends each request (modes forward and
     /// intercept).
     pub fn routed(
         name: &str,
         http: &HttpKeys,
-        forward: Arc<Forward>,
+        router: Arc<dyn Router>,
         stats: crate::metrics::ListenerStats,
     ) -> Self {
-        Self::new(name, http, Route::Forward(forward), stats)
+        Self::new(name, http, Route::Routed(router), stats)
     }
 
     fn new(
@@ -96,16 +97,14 @@ impl Proxy {
     pub fn upstream(&self) -> Option<Arc<Upstream>> {
         match &self.route {
             Route::Fixed(u) => Some(u.read().unwrap_or_else(|p| p.into_inner()).clone()),
-            Route::Forward(_) => None,
+            Route::Routed(_) => None,
         }
     }
 
-    /// The forward routing (mode forward).
-    pub fn forward_routing(&self) -> Option<&Arc<Forward>> {
-        match &self.route {
-            Route::Forward(f) => Some(f),
-            Route::Fixed(_) => None,
-        }
+    /// Whether a router sends the requests (its connections may carry
+    /// `CONNECT` tunnels).
+    pub fn is_routed(&self) -> bool {
+        matches!(self.route, Route::Routed(_))
     }
 
     /// Reload: new requests (also on open client connections) go to `up`
@@ -172,7 +171,12 @@ impl Proxy {
     /// Never fails: every error becomes a response.
     /// Takes the `Arc` the service already cloned for this request, so the
     /// response body can count a stall without a clone of its own.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+    /// `tunnels`: where a routed connection's `CONNECT` tunnels run.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        tunnels: Option<Tunnels>,
+    ) -> Response<RespBody> {
         let method = req.method().clone();
         let started = tokio::time::Instant::now();
         // Only an access log pays for a copy of the path.
@@ -180,33 +184,28 @@ impl Proxy {
             .access_log
             .load(Ordering::Relaxed)
             .then(|| req.uri().path().to_string());
-        let (up, req, _origin, via) = match &self.route {
+        let (up, req, _hold, via) = match &self.route {
             Route::Fixed(u) => (
                 u.read().unwrap_or_else(|p| p.into_inner()).clone(),
                 req,
                 None,
                 false,
             ),
-            // Boxed: routing state is forward mode's alone; inline it would
-            // grow every http-mode request's future.
-            Route::Forward(f) => match Box::pin(self.route_forward(f, req, &method)).await {
-                Ok((route, req)) => (route.upstream, req, Some(route.guard), route.via),
+            Route::Routed(r) => match self.route_by(&**r, req, &method, tunnels).await {
+                Ok(Routed {
+                    upstream,
+                    req,
+                    hold,
+                    via,
+                }) => (upstream, req, Some(hold), via),
                 Err((resp, label)) => {
-                    let status = resp.status().as_u16();
                     if let Some(path) = path {
                         let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-                        AccessRecord {
-                            listener: self.listener.clone(),
-                            upstream: label,
-                            method: method.clone(),
-                            path,
-                            status,
-                            reused: None,
-                            started,
-                        }
-                        .emit(len, None);
+                        self.access(label, &method, path, resp.status(), None, started)
+                            .emit(len, None);
                     }
-                    self.stats.record(status, started.elapsed().as_secs_f64());
+                    self.stats
+                        .record(resp.status().as_u16(), started.elapsed().as_secs_f64());
                     return resp;
                 }
             },
@@ -214,22 +213,19 @@ impl Proxy {
         let resp = match self.forward(&up, req, &method).await {
             Ok(mut f) => {
                 if via {
-                    f.parts
-                        .headers
-                        .append(header::VIA, crate::forward::via_value());
+                    f.parts.headers.append(header::VIA, headers::via());
                 }
                 let status = f.parts.status.as_u16();
                 tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %method, status, reused = f.reused, endpoint = %f.endpoint, local = %f.local, protocol = f.protocol.as_str(), elapsed_us = started.elapsed().as_micros() as u64, "request");
                 let record = path.map(|path| {
-                    Box::new(AccessRecord {
-                        listener: self.listener.clone(),
-                        upstream: up.cfg.name.clone(),
-                        method: method.clone(),
+                    Box::new(self.access(
+                        up.cfg.name.clone(),
+                        &method,
                         path,
-                        status,
-                        reused: Some(f.reused),
+                        f.parts.status,
+                        Some(f.reused),
                         started,
-                    })
+                    ))
                 });
                 let timeout = up.cfg.body_timeout;
                 let body =
@@ -252,15 +248,14 @@ impl Proxy {
                 let resp = e.into_response(&up.cfg.name);
                 if let Some(path) = path {
                     let len = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-                    AccessRecord {
-                        listener: self.listener.clone(),
-                        upstream: up.cfg.name.clone(),
-                        method: method.clone(),
+                    self.access(
+                        up.cfg.name.clone(),
+                        &method,
                         path,
-                        status: e.status().as_u16(),
-                        reused: None,
+                        e.status(),
+                        None,
                         started,
-                    }
+                    )
                     .emit(len, None);
                 }
                 resp
@@ -271,48 +266,58 @@ impl Proxy {
         resp
     }
 
-    /// Forward mode: the origin for `req`, or the response that ends it
-    /// here (a refusal, or a CONNECT's `200` with its tunnel handed to
-    /// the connection) with the label its access-log line gets.
-    async fn route_forward(
+    /// The access-log record of one request (`reused`: `None` when
+    /// loopmux answered itself).
+    fn access(
         &self,
-        f: &Forward,
-        mut req: Request<Incoming>,
+        upstream: String,
         method: &Method,
-    ) -> Result<(ForwardRoute, Request<Incoming>), (Response<RespBody>, String)> {
-        let refused = |e: ForwardError| {
-            tracing::debug!(listener = %self.listener, %method, status = e.status().as_u16(), error = %e, "forward request refused");
-            let e = ProxyError::Forward(Box::new(e));
+        path: String,
+        status: StatusCode,
+        reused: Option<bool>,
+        started: tokio::time::Instant,
+    ) -> AccessRecord {
+        AccessRecord {
+            listener: self.listener.clone(),
+            upstream,
+            method: method.clone(),
+            path,
+            status: status.as_u16(),
+            reused,
+            started,
+        }
+    }
+
+    /// A routed request's way out, or the response that ends it here (a
+    /// refusal, or a CONNECT's `200` with its tunnel started) with the
+    /// label its access-log line gets.
+    async fn route_by(
+        &self,
+        router: &dyn Router,
+        req: Request<Incoming>,
+        method: &Method,
+        tunnels: Option<Tunnels>,
+    ) -> Result<Routed, (Response<RespBody>, String)> {
+        let refused = |e: Refusal| {
+            tracing::debug!(listener = %self.listener, %method, status = e.status.as_u16(), error = %e, "forward request refused");
+            let e = ProxyError::Refused(Box::new(e));
             (e.into_response(""), "forward".to_string())
         };
-        if *method == Method::CONNECT {
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            return match f.connect(req.uri(), on_upgrade).await {
-                Ok(t) => {
-                    let label = t.target.clone();
-                    let mut resp = Response::new(Either::Right(http_body_util::Full::new(
-                        bytes::Bytes::new(),
-                    )));
-                    resp.extensions_mut().insert(crate::forward::handoff(t));
-                    Err((resp, label))
-                }
-                Err(e) => Err(refused(e)),
-            };
+        if *method != Method::CONNECT {
+            return router.route(req).await.map_err(refused);
         }
-        if let Some(&crate::allow::OriginalDst(dst)) = req.extensions().get() {
-            let target = crate::allow::target::Target {
-                host: crate::allow::Host::Ip(dst.ip()),
-                port: dst.port(),
-                tls: false,
-            };
-            return match f.route_to(target).await {
-                Ok(route) => Ok((route, req)),
-                Err(e) => Err(refused(e)),
-            };
-        }
-        let (mut parts, body) = req.into_parts();
-        match f.route(&mut parts).await {
-            Ok(route) => Ok((route, Request::from_parts(parts, body))),
+        // A routed connection's driver always gives its tunnels.
+        let Some(tunnels) = tunnels else {
+            let e = ProxyError::MethodNotAllowed(Method::CONNECT);
+            return Err((e.into_response(""), "forward".to_string()));
+        };
+        match router.tunnel(req, &tunnels).await {
+            Ok(label) => Err((
+                Response::new(Either::Right(
+                    http_body_util::Full::new(bytes::Bytes::new()),
+                )),
+                label,
+            )),
             Err(e) => Err(refused(e)),
         }
     }

@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::allow::target::Target;
 use crate::allow::Host;
 use crate::config::InterceptConfig;
+use crate::http::route::Router;
 use crate::http::HttpServer;
 use crate::listener::Drain;
 use crate::metrics::{InterceptStats, RawStats};
+use crate::upstream::client::Side;
 
 /// Where the connection was going before the kernel redirected it.
 ///
@@ -87,6 +88,8 @@ async fn first_bytes(stream: &TcpStream, timeout: Duration) -> Vec<u8> {
 /// One intercept listener's handler.
 pub struct InterceptServer {
     http: Arc<HttpServer>,
+    /// The routing `http` sends by, for the opaque connections too.
+    router: Arc<dyn Router>,
     cfg: Arc<InterceptConfig>,
     /// The listener's own addresses (its port and its redirect ports): a
     /// connection that was not redirected has one of them as its
@@ -99,6 +102,7 @@ pub struct InterceptServer {
 impl InterceptServer {
     pub fn new(
         http: Arc<HttpServer>,
+        router: Arc<dyn Router>,
         cfg: &InterceptConfig,
         locals: Vec<SocketAddr>,
         stats: RawStats,
@@ -106,6 +110,7 @@ impl InterceptServer {
     ) -> Self {
         InterceptServer {
             http,
+            router,
             cfg: Arc::new(cfg.clone()),
             locals,
             stats,
@@ -134,9 +139,6 @@ impl InterceptServer {
         self.kinds
             .connection(&shown, if opaque { "opaque" } else { "http" });
         if !opaque {
-            let Some(f) = self.http.proxy().forward_routing() else {
-                return;
-            };
             // One request per connection, then loopmux closes: corked, the
             // response's last bytes and the FIN leave in one segment, so the
             // app reads its answer and the close together and never closes
@@ -144,37 +146,18 @@ impl InterceptServer {
             // 4-tuple). Measured in the lab: 209 of 10,000 connections lost
             // that race uncorked.
             let _ = socket2::SockRef::from(&stream).set_tcp_cork(true);
-            let stats = f.stats.tunnels.clone();
-            return Box::pin(self.http.serve_forward(
-                crate::prefixed::Prefixed::new(bytes::Bytes::new(), stream),
-                None,
-                &stats,
-                drain,
-                Some(dst),
-            ))
-            .await;
+            let stream = crate::prefixed::Prefixed::new(bytes::Bytes::new(), stream);
+            return Box::pin(self.http.serve(stream, Duration::ZERO, drain, Some(dst))).await;
         }
-        let Some(f) = self.http.proxy().forward_routing() else {
-            return;
-        };
-        let target = Target {
-            host,
-            port: dst.port(),
-            tls: false,
-        };
-        let route = match f.route_to(target).await {
-            Ok(r) => r,
+        let opened = match self.router.open(dst).await {
+            Ok(o) => o,
             Err(e) => {
                 self.stats.connect_failures.inc();
-                tracing::warn!(destination = %dst, error = %e, "intercept: opaque connection refused");
-                return;
-            }
-        };
-        let raw = match route.upstream.dial_raw().await {
-            Ok(r) => r,
-            Err(e) => {
-                self.stats.connect_failures.inc();
-                tracing::warn!(destination = %dst, error = %e, "intercept: cannot reach the destination");
+                if e.side == Side::Upstream {
+                    tracing::warn!(destination = %dst, error = %e, "intercept: cannot reach the destination");
+                } else {
+                    tracing::warn!(destination = %dst, error = %e, "intercept: opaque connection refused");
+                }
                 return;
             }
         };
@@ -182,12 +165,18 @@ impl InterceptServer {
         let _ = stream.set_nodelay(true);
         let timeouts = crate::relay::Timeouts {
             idle: Duration::from_secs(3600),
-            half_closed: f.half_close(),
+            half_closed: opened.half_close,
         };
-        let r =
-            crate::relay::relay(stream, raw.stream, timeouts, &drain.deadline, &self.stats).await;
+        let r = crate::relay::relay(
+            stream,
+            opened.conn.stream,
+            timeouts,
+            &drain.deadline,
+            &self.stats,
+        )
+        .await;
         tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
-        drop(route.guard);
+        drop(opened.hold);
     }
 }
 

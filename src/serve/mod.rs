@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -112,19 +112,7 @@ fn settings(cfg: &ServeConfig) -> Settings {
 }
 
 fn text(status: StatusCode, kind: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(format!(
-        "{} {}: loopmux serve: {body}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    ))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r.headers_mut()
-        .insert("x-loopmux-error", HeaderValue::from_static(kind));
-    r
+    crate::http::error::answer(status, kind, "loopmux serve", &body)
 }
 
 impl Limit {
