@@ -23,7 +23,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("upstream", "way-out"),
     ("metrics", "observe"),
     ("admin", "observe"),
-    ("state", "observe"),
+    ("status", "observe"),
     ("sockopt", "net"),
     ("stall", "net"),
     ("relay", "net"),
@@ -89,8 +89,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "http",
         "intercepted HTTP is served by the http driver",
     ),
-    ("state", "forward", "the status view lists forward origins"),
-    ("state", "upstream", "the status view reads pools"),
 ];
 
 fn layer(module: &str) -> &'static str {
