@@ -15,11 +15,11 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::Shared;
+use crate::status::Status;
 
 pub struct Admin {
     pub registry: Registry,
-    pub shared: Arc<Shared>,
+    pub status: Arc<Status>,
 }
 
 fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -53,7 +53,7 @@ impl Admin {
             }
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => {
-                if self.shared.is_ready() {
+                if self.status.is_ready() {
                     reply(StatusCode::OK, "text/plain", "ready\n")
                 } else {
                     reply(
@@ -66,7 +66,7 @@ impl Admin {
             "/status" => reply(
                 StatusCode::OK,
                 "application/json",
-                self.shared.status_json().to_string() + "\n",
+                self.status.status_json().to_string() + "\n",
             ),
             _ => reply(
                 StatusCode::NOT_FOUND,

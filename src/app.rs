@@ -20,7 +20,7 @@ use crate::listener;
 use crate::listener::{Drain, Drained};
 use crate::metrics::Metrics;
 use crate::serve::ServeServer;
-use crate::state::{ListenerInfo, Shared};
+use crate::status::{ListenerInfo, Status, StatusCollector, UpstreamViews};
 use crate::tcp::TcpServer;
 use crate::upstream::Upstream;
 
@@ -307,8 +307,10 @@ impl Running {
 pub struct App {
     pub admin_addr: Option<SocketAddr>,
     /// The current upstreams and listeners, as the admin endpoint sees them.
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Status>,
     metrics: Metrics,
+    /// The configured upstreams, in config order.
+    upstreams: Vec<Arc<Upstream>>,
     cfg: Config,
     listeners: Vec<Running>,
     /// Stops the admin endpoint, after the drain (so `/readyz` says 503
@@ -446,9 +448,12 @@ impl App {
             let (socket, addr) = register(listener_key(index, lc), std_l)?;
             sockets.push((socket, addr, RedirectPlan::bind(index, lc, None)?));
         }
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Status::default());
         let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Metrics::new(&mut registry, shared.clone());
+        let metrics = Metrics::new(&mut registry);
+        registry
+            .sub_registry_with_prefix(crate::metrics::PREFIX)
+            .register_collector(Box::new(StatusCollector::new(shared.clone())));
         let admin_stop = CancellationToken::new();
         let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
         for u in &cfg.upstreams {
@@ -460,7 +465,7 @@ impl App {
                 tracing::info!(bind = %addr, "admin endpoint listening (/metrics /healthz /readyz /status)");
                 let admin = Arc::new(Admin {
                     registry,
-                    shared: shared.clone(),
+                    status: shared.clone(),
                 });
                 tokio::spawn(crate::admin::serve(l, admin, admin_stop.clone()));
                 Some(addr)
@@ -471,6 +476,7 @@ impl App {
             admin_addr,
             shared,
             metrics,
+            upstreams: Vec::new(),
             listeners: Vec::with_capacity(cfg.listeners.len()),
             admin_stop,
             retired: TaskTracker::new(),
@@ -622,7 +628,7 @@ impl App {
         r.accept = Some(r.serving.spawn_accept_loop(r.locals(), args));
     }
 
-    fn publish(&self, upstreams: Vec<Arc<Upstream>>) {
+    fn publish(&mut self, upstreams: Vec<Arc<Upstream>>) {
         let infos = self
             .listeners
             .iter()
@@ -638,12 +644,19 @@ impl App {
                 client_keepalive: r.cfg.mode.http().map_or(true, |h| h.client_keepalive),
             })
             .collect();
-        let forwards = self
-            .listeners
+        // Configured upstreams first, then the forward listeners' origins.
+        let views = upstreams
             .iter()
-            .filter_map(|r| r.serving.forward().cloned())
+            .map(|u| u.clone() as Arc<dyn UpstreamViews>)
+            .chain(
+                self.listeners
+                    .iter()
+                    .filter_map(|r| r.serving.forward().cloned())
+                    .map(|f| f as Arc<dyn UpstreamViews>),
+            )
             .collect();
-        self.shared.publish(upstreams, infos, forwards);
+        self.shared.publish(infos, views);
+        self.upstreams = upstreams;
     }
 
     /// The interception table's part for each intercept listener, from
@@ -724,7 +737,7 @@ impl App {
 
     /// The upstreams, in config order.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.shared.upstreams().to_vec()
+        self.upstreams.clone()
     }
 
     pub fn config(&self) -> &Config {
@@ -802,7 +815,7 @@ impl App {
         // A changed one whose connections can stay (same name and protocol)
         // takes over the old pools, reconfigured in place: one pool per
         // endpoint at every moment, so the cap holds through the reload.
-        let current = self.shared.upstreams();
+        let current = self.upstreams.clone();
         let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
         let mut inherited: Vec<Arc<Upstream>> = Vec::new();
         for uc in &cfg.upstreams {
@@ -911,7 +924,7 @@ impl App {
         self.retired.close();
         let _ = tokio::time::timeout(drain, self.retired.wait()).await;
         // Idle upstream connections close now; nothing will use them.
-        for up in self.shared.upstreams().iter() {
+        for up in self.upstreams.iter() {
             retire(up);
         }
         if let Some(k) = self.rules {

@@ -19,7 +19,7 @@ pub mod serve;
 pub mod shutdown;
 pub mod sockopt;
 pub mod stall;
-pub mod state;
+pub mod status;
 pub mod systemd;
 pub mod tcp;
 pub mod tls;

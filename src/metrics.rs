@@ -1,19 +1,22 @@
-//! Prometheus metrics. One [`Registry`] is created at start and passed
-//! down; hot-path counters are pre-resolved per listener (an atomic add per
-//! request), and pool/source state is read at scrape time by a collector, so
-//! the upstream code carries only plain atomics.
+//! Prometheus metric families. One [`Registry`] is created at start and
+//! passed down; hot-path counters are pre-resolved per listener (an atomic
+//! add per request). Pool and source state is read at scrape time by the
+//! status collector (`status`), which `app` registers under [`PREFIX`], so
+//! the upstream code carries only plain atomics and this module knows none
+//! of it.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::state::Shared;
+/// What every loopmux metric's name starts with (`loopmux_`), families and
+/// scrape-time collectors alike.
+pub const PREFIX: &str = "loopmux";
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -276,9 +279,9 @@ impl ListenerStats {
 }
 
 impl Metrics {
-    /// Registers everything under `loopmux_`.
-    pub fn new(registry: &mut Registry, shared: Arc<Shared>) -> Metrics {
-        let r = registry.sub_registry_with_prefix("loopmux");
+    /// Registers every family under [`PREFIX`].
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let r = registry.sub_registry_with_prefix(PREFIX);
         let m = Metrics {
             accepted: Family::default(),
             active: Family::default(),
@@ -362,7 +365,6 @@ impl Metrics {
             "Redirected connections, by destination and kind (http, opaque, refused)",
             m.intercept_connections.clone(),
         );
-        r.register_collector(Box::new(UpstreamCollector { shared }));
         m
     }
 
@@ -432,239 +434,5 @@ impl Metrics {
             ],
             duration: self.duration.get_or_create(&l).clone(),
         }
-    }
-}
-
-/// Reads pools, endpoints and sources at scrape time.
-#[derive(Debug)]
-struct UpstreamCollector {
-    shared: Arc<Shared>,
-}
-
-struct Sample {
-    labels: Labels,
-    value: u64,
-}
-
-fn emit(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    counter: bool,
-    samples: &[Sample],
-) -> Result<(), std::fmt::Error> {
-    let ty = if counter {
-        ConstCounter::new(0u64).metric_type()
-    } else {
-        ConstGauge::new(0i64).metric_type()
-    };
-    let mut m = encoder.encode_descriptor(name, help, None, ty)?;
-    for s in samples {
-        let fam = m.encode_family(&s.labels)?;
-        if counter {
-            ConstCounter::new(s.value).encode(fam)?;
-        } else {
-            ConstGauge::new(s.value as i64).encode(fam)?;
-        }
-    }
-    Ok(())
-}
-
-impl prometheus_client::collector::Collector for UpstreamCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut conns = Vec::new();
-        let mut connects = Vec::new();
-        let mut errors = Vec::new();
-        let mut rejections = Vec::new();
-        let mut retries = Vec::new();
-        let mut src_active = Vec::new();
-        let mut src_eaddrnotavail = Vec::new();
-        let mut h2_conns = Vec::new();
-        let mut h2_streams = Vec::new();
-        let mut tls_handshakes = Vec::new();
-        let mut tls_failures = Vec::new();
-        for up in self.shared.all_upstreams().iter() {
-            let u = up.cfg.name.clone();
-            retries.push(Sample {
-                labels: vec![("upstream", u.clone())],
-                value: up.retries.load(Relaxed),
-            });
-            for ep in up.endpoints().iter() {
-                let base: Labels = vec![("upstream", u.clone()), ("endpoint", ep.addr.to_string())];
-                let snap = ep.pool.snapshot();
-                let in_use = snap.open.saturating_sub(snap.idle);
-                for (state, v) in [
-                    ("open", snap.open),
-                    ("idle", snap.idle),
-                    ("in_use", in_use),
-                    ("pending", snap.waiting),
-                ] {
-                    let mut l = base.clone();
-                    l.push(("state", state.to_string()));
-                    conns.push(Sample {
-                        labels: l,
-                        value: v as u64,
-                    });
-                }
-                connects.push(Sample {
-                    labels: base.clone(),
-                    value: ep.connects.load(Relaxed),
-                });
-                h2_conns.push(Sample {
-                    labels: base.clone(),
-                    value: snap.shared as u64,
-                });
-                h2_streams.push(Sample {
-                    labels: base.clone(),
-                    value: snap.streams as u64,
-                });
-                if up.cfg.tls.is_some() {
-                    tls_handshakes.push(Sample {
-                        labels: base.clone(),
-                        value: ep.tls_handshakes.load(Relaxed),
-                    });
-                    let fails = ep
-                        .tls_failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
-                    for (reason, v) in fails {
-                        let mut l = base.clone();
-                        l.push(("reason", reason.to_string()));
-                        tls_failures.push(Sample {
-                            labels: l,
-                            value: v,
-                        });
-                    }
-                }
-                let errs = ep
-                    .connect_errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                for (errno, v) in errs {
-                    let mut l = base.clone();
-                    l.push(("errno", errno));
-                    errors.push(Sample {
-                        labels: l,
-                        value: v,
-                    });
-                }
-                let st = ep.pool.stats();
-                for (reason, v) in [
-                    ("full", st.queue_full.load(Relaxed)),
-                    ("timeout", st.queue_timeout.load(Relaxed)),
-                ] {
-                    let mut l = base.clone();
-                    l.push(("reason", reason.to_string()));
-                    rejections.push(Sample {
-                        labels: l,
-                        value: v,
-                    });
-                }
-            }
-            for s in up.dialer.sources() {
-                let l: Labels = vec![("upstream", u.clone()), ("source", s.ip.to_string())];
-                src_active.push(Sample {
-                    labels: l.clone(),
-                    value: s.active.load(Relaxed) as u64,
-                });
-                src_eaddrnotavail.push(Sample {
-                    labels: l,
-                    value: s.addr_not_avail.load(Relaxed),
-                });
-            }
-        }
-        emit(
-            &mut encoder,
-            "upstream_connections",
-            "Upstream connections by state (open = open + opening; pending = requests waiting)",
-            false,
-            &conns,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_connects",
-            "Upstream connections dialed successfully",
-            true,
-            &connects,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_connect_errors",
-            "Failed upstream dials by errno",
-            true,
-            &errors,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_h2_connections",
-            "Open HTTP/2 upstream connections",
-            false,
-            &h2_conns,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_h2_streams",
-            "Requests in flight on HTTP/2 upstream connections",
-            false,
-            &h2_streams,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_tls_handshakes",
-            "TLS handshakes started toward upstream endpoints",
-            true,
-            &tls_handshakes,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_tls_handshake_failures",
-            "Failed TLS handshakes by reason (unknown-issuer, name-mismatch, expired, …)",
-            true,
-            &tls_failures,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_retries",
-            "Requests sent again on a fresh connection",
-            true,
-            &retries,
-        )?;
-        emit(
-            &mut encoder,
-            "upstream_queue_rejections",
-            "Requests answered 503 because no connection was free",
-            true,
-            &rejections,
-        )?;
-        emit(
-            &mut encoder,
-            "source_connections_active",
-            "Open upstream connections per source address",
-            false,
-            &src_active,
-        )?;
-        emit(
-            &mut encoder,
-            "source_eaddrnotavail",
-            "EADDRNOTAVAIL seen per source address",
-            true,
-            &src_eaddrnotavail,
-        )?;
-        if let Some(current) = self.shared.intercept_current() {
-            emit(
-                &mut encoder,
-                "intercept_rules_current",
-                "1 while the interception rules' last renewal went through (0: they are expiring, and the apps go direct)",
-                false,
-                &[Sample {
-                    labels: vec![("table", "inet loopmux".to_string())],
-                    value: u64::from(current),
-                }],
-            )?;
-        }
-        Ok(())
     }
 }

@@ -23,7 +23,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("upstream", "way-out"),
     ("metrics", "observe"),
     ("admin", "observe"),
-    ("state", "observe"),
+    ("status", "observe"),
     ("sockopt", "net"),
     ("stall", "net"),
     ("relay", "net"),
@@ -89,8 +89,6 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
 
 /// Imports the map forbids that are still there, each with its reason.
 const KNOWN: &[(&str, &str, &str)] = &[
-    ("state", "forward", "the status view lists forward origins"),
-    ("state", "upstream", "the status view reads pools"),
 ];
 
 fn layer(module: &str) -> &'static str {

@@ -214,11 +214,6 @@ impl Forward {
         self.stats.origins.set(self.origins.len() as i64);
     }
 
-    /// The upstreams of the origins open now, for `/status`.
-    pub fn origin_upstreams(&self) -> Vec<Arc<Upstream>> {
-        self.origins.upstreams()
-    }
-
     /// Checks `target` (as asked) against the loop guard and the allow
     /// list; a plain `http://` target listed in `originate_tls` becomes
     /// TLS (port 80 → 443) before the check, since that is where it goes.

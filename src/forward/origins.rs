@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 use crate::allow::target::Target;
+use crate::status::{UpstreamView, UpstreamViews};
 use crate::upstream::Upstream;
 
 /// One origin: its upstream, started by the first request that needs it,
@@ -182,6 +183,16 @@ impl Origins {
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.values().filter_map(|o| o.current()).collect()
+    }
+}
+
+/// A forward listener's origins, for `/status` and the scrape. The table's
+/// lock is let go before any pool is read: requests route through it.
+impl UpstreamViews for super::Forward {
+    fn upstream_views(&self, out: &mut Vec<UpstreamView>) {
+        for u in self.origins.upstreams() {
+            u.upstream_views(out);
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod connect;
 pub mod dialer;
 pub mod pool;
+mod view;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
