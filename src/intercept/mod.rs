@@ -184,10 +184,11 @@ impl InterceptServer {
             idle: Duration::from_secs(3600),
             half_closed: f.half_close(),
         };
-        let r =
-            crate::relay::relay(stream, raw.stream, timeouts, &drain.deadline, &self.stats).await;
-        tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
-        drop(route.guard);
+        let hold = (route.guard, raw.in_flight, raw.lease);
+        crate::relay::to_end(stream, raw.stream, timeouts, &drain.deadline, &self.stats, hold, |r| {
+            tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
+        })
+        .await;
     }
 }
 
