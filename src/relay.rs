@@ -205,6 +205,28 @@ where
     }
 }
 
+/// The one ending of every raw relay: [`relay`] to its end, then `ended`
+/// with what it carried (the mode's log line, written in the mode so that
+/// its fields and target stay its own), then `hold` dropped. `hold` is
+/// what must last as long as the relay (in-flight counts, source leases,
+/// a stream's place): taken here, it cannot be dropped early by a mode.
+pub async fn to_end<C, U, H>(
+    client: C,
+    upstream: U,
+    timeouts: Timeouts,
+    cut: &CancellationToken,
+    stats: &impl Counters,
+    hold: H,
+    ended: impl FnOnce(&Relayed),
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let r = relay(client, upstream, timeouts, cut, stats).await;
+    ended(&r);
+    drop(hold);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +280,42 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= limit && took < limit * 2, "ended after {took:?}");
         drop(server);
+    }
+
+    /// `ended` sees what the relay carried while `hold` still stands;
+    /// `hold` goes only after it.
+    #[tokio::test]
+    async fn to_end_logs_then_lets_go() {
+        struct Hold(Arc<std::sync::Mutex<Vec<&'static str>>>);
+        impl Drop for Hold {
+            fn drop(&mut self) {
+                self.0.lock().unwrap().push("dropped");
+            }
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (client, mut app) = tokio::io::duplex(1024);
+        let (upstream, mut server) = tokio::io::duplex(1024);
+        app.write_all(b"ping").await.unwrap();
+        app.shutdown().await.unwrap();
+        server.write_all(b"pong!").await.unwrap();
+        server.shutdown().await.unwrap();
+        let cut = CancellationToken::new();
+        let (hold, log) = (Hold(seen.clone()), seen.clone());
+        to_end(
+            client,
+            upstream,
+            timeouts(60, 60),
+            &cut,
+            &stats(),
+            hold,
+            |r| {
+                assert!(matches!(r.end, End::Closed), "{:?}", r.end);
+                assert_eq!((r.to_upstream, r.to_client), (4, 5));
+                log.lock().unwrap().push("ended");
+            },
+        )
+        .await;
+        assert_eq!(*seen.lock().unwrap(), ["ended", "dropped"]);
     }
 
     /// Both directions open and silent: idle_timeout applies, not the

@@ -88,8 +88,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
 ];
 
 /// Imports the map forbids that are still there, each with its reason.
-const KNOWN: &[(&str, &str, &str)] = &[
-];
+const KNOWN: &[(&str, &str, &str)] = &[];
 
 fn layer(module: &str) -> &'static str {
     LAYERS

@@ -554,3 +554,104 @@ async fn unspecified_targets_are_this_host() {
         .is_ok();
     assert!(!reached, "a refused CONNECT reached the loopback service");
 }
+
+/// The answer to one `CONNECT authority` on a fresh mTLS HTTP/2
+/// connection to the serve role: status, `x-loopmux-error`, body.
+async fn connect_answer(p: &Pki, peer: SocketAddr, authority: &str) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let tcp = TcpStream::connect(peer).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(p.mtls.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let kind = resp
+        .headers()
+        .get("x-loopmux-error")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, kind, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Each step of the serve role's way out answers with its own status and
+/// reason word: an address the name resolves to that a rule denies (403
+/// `denied`), the serve listener itself (508 `loop`), a target that
+/// refuses (502 `connect`), a name that does not resolve (502 `resolve`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_refusal_answers_with_its_status_and_reason() {
+    let pki = pki();
+    let (_guard, refusing) = refusing_addr();
+    let (_serve, peer, serve_admin) = serve_role(&pki, "\"!127.0.0.1:9\", \"*:*\"").await;
+    let p = peer.port();
+    let r = refusing.port();
+    let cases = [
+        (
+            "localhost:9".to_string(),
+            403,
+            "denied",
+            "403 Forbidden: loopmux serve: `localhost:9` resolves to 127.0.0.1:9, denied by rule `!127.0.0.1:9`\n".to_string(),
+        ),
+        (
+            format!("localhost:{p}"),
+            508,
+            "loop",
+            format!("508 Loop Detected: loopmux serve: `localhost:{p}` is this serve listener (127.0.0.1:{p})\n"),
+        ),
+        (
+            format!("127.0.0.1:{r}"),
+            502,
+            "connect",
+            format!("502 Bad Gateway: loopmux serve: `127.0.0.1:{r}`: connect to 127.0.0.1:{r} from kernel-chosen source failed: "),
+        ),
+        (
+            "nowhere.invalid:80".to_string(),
+            502,
+            "resolve",
+            "502 Bad Gateway: loopmux serve: ".to_string(),
+        ),
+    ];
+    for (authority, status, kind, text) in &cases {
+        let (s, k, body) = connect_answer(&pki, peer, authority).await;
+        assert_eq!((s, k.as_str()), (*status, *kind), "{authority}: {body}");
+        assert!(body.starts_with(text.as_str()), "{authority}: {body}");
+    }
+    let (_, _, unresolved) = connect_answer(&pki, peer, "nowhere.invalid:80").await;
+    assert!(
+        unresolved.contains("cannot resolve `nowhere.invalid`: ")
+            || unresolved.contains(
+                "no answer from the resolver for `nowhere.invalid` within connect_timeout"
+            ),
+        "{unresolved}"
+    );
+    for (reason, n) in [("denied", 2.0), ("unreachable", 3.0)] {
+        let refused = [("reason", reason)];
+        let got = metric(serve_admin, "loopmux_serve_refused_total", &refused).await;
+        assert_eq!(got, n, "{reason}");
+    }
+    assert_eq!(
+        metric(
+            serve_admin,
+            "loopmux_serve_stream_connect_failures_total",
+            &[("listener", "serve")]
+        )
+        .await,
+        1.0
+    );
+}

@@ -7,7 +7,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RawStats;
-use crate::relay::{relay, Timeouts};
+use crate::relay::Timeouts;
 use crate::upstream::RawConn;
 
 /// A tunnel whose `200` is on its way to the client: the client side's
@@ -47,8 +47,8 @@ pub async fn run(t: PendingTunnel, cut: CancellationToken, stats: &RawStats) {
         lease,
         ..
     } = upstream;
-    let r = relay(client, stream, timeouts, &cut, stats).await;
-    tracing::debug!(%target, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "CONNECT tunnel ended");
-    drop(in_flight);
-    drop(lease);
+    crate::relay::to_end(client, stream, timeouts, &cut, stats, (in_flight, lease), |r| {
+        tracing::debug!(%target, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "CONNECT tunnel ended");
+    })
+    .await;
 }

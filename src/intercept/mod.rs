@@ -167,16 +167,12 @@ impl InterceptServer {
             idle: Duration::from_secs(3600),
             half_closed: opened.half_close,
         };
-        let r = crate::relay::relay(
-            stream,
-            opened.conn.stream,
-            timeouts,
-            &drain.deadline,
-            &self.stats,
-        )
+        let hold = (opened.hold, opened.conn.in_flight, opened.conn.lease);
+        let stream_up = opened.conn.stream;
+        crate::relay::to_end(stream, stream_up, timeouts, &drain.deadline, &self.stats, hold, |r| {
+            tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
+        })
         .await;
-        tracing::debug!(destination = %dst, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "intercept: opaque connection ended");
-        drop(opened.hold);
     }
 }
 

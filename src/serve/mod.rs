@@ -28,12 +28,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::allow::target::of_connect;
-use crate::allow::{Denial, Host};
+use crate::allow::Denial;
 use crate::config::ServeConfig;
 use crate::listener::{ClientLimit, Drain, LIMIT_WARN_EVERY};
 use crate::metrics::ServeStats;
 use crate::prefixed::Prefixed;
 use crate::upstream::dialer::Dialer;
+use crate::upstream::{raw, Veto, Vetoed};
 
 /// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4): the
 /// magic, then a SETTINGS frame, of which we wait for the 9-byte header.
@@ -374,72 +375,19 @@ impl ServeServer {
                 format!("`{shown}` is not allowed: {d}"),
             );
         }
-        let addrs: Vec<SocketAddr> = match &target.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
-            Host::Name(n) => {
-                let lookup = tokio::net::lookup_host((n.as_str(), target.port));
-                match tokio::time::timeout(cfg.connect_timeout, lookup).await {
-                    Ok(Ok(a)) => a.collect(),
-                    Ok(Err(e)) => {
-                        self.stats.refused("unreachable");
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            "resolve",
-                            format!("cannot resolve `{n}`: {e}"),
-                        );
-                    }
-                    Err(_) => {
-                        self.stats.refused("unreachable");
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            "resolve",
-                            format!("no answer from the resolver for `{n}` within connect_timeout"),
-                        );
-                    }
-                }
-            }
+        let veto = |a: SocketAddr| {
+            let why = if crate::allow::is_self(a, self.local) {
+                Veto::Loop(format!("`{shown}` is this serve listener ({a})"))
+            } else {
+                Veto::Denied(cfg.allow.check_resolved(a.ip(), a.port()).err()?)
+            };
+            Some(Vetoed { addr: a, why })
         };
-        for a in &addrs {
-            if crate::allow::is_self(*a, self.local) {
-                self.stats.refused("denied");
-                return text(
-                    StatusCode::LOOP_DETECTED,
-                    "loop",
-                    format!("`{shown}` is this serve listener ({a})"),
-                );
-            }
-            if let Err(d) = cfg.allow.check_resolved(a.ip(), a.port()) {
-                self.stats.refused("denied");
-                let why = match d {
-                    Denial::Rule { rule, .. } => {
-                        format!("resolves to {a}, denied by rule `{rule}`")
-                    }
-                    other => other.to_string(),
-                };
-                return text(StatusCode::FORBIDDEN, "denied", format!("`{shown}` {why}"));
-            }
-        }
-        let mut last = None;
-        let mut dialed = None;
-        for a in addrs.iter().take(3) {
-            match dialer.dial(*a).await {
-                Ok(d) => {
-                    dialed = Some(d);
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let Some(up) = dialed else {
-            self.stats.refused("unreachable");
-            self.stats.relays.connect_failures.inc();
-            let why = last.map_or_else(|| "resolves to no address".to_string(), |e| e.to_string());
-            tracing::info!(target = %shown, error = %why, "serve: CONNECT target unreachable");
-            return text(
-                StatusCode::BAD_GATEWAY,
-                "connect",
-                format!("`{shown}`: {why}"),
-            );
+        let dialed =
+            raw::dial_target(dialer, &target.host, target.port, cfg.connect_timeout, veto).await;
+        let up = match dialed {
+            Ok(up) => up,
+            Err(e) => return self.not_dialed(&shown, e),
         };
         self.stats.relays.opened.inc();
         self.stats.stream_to(&shown);
@@ -450,14 +398,18 @@ impl ServeServer {
             half_closed: cfg.half_close_timeout,
         };
         let cut = drain.deadline.clone();
-        let lease = dialer.lease(up.source);
         drain.spawn(async move {
-            let _lease = lease;
-            let _open = open;
+            let raw::Leased {
+                stream,
+                local,
+                lease,
+            } = up;
             match on_upgrade.await {
                 Ok(u) => {
-                    let r = crate::relay::relay(TokioIo::new(u), up.stream, timeouts, &cut, &stats).await;
-                    tracing::debug!(target = %shown, local = %up.local, to_target = r.to_upstream, to_client = r.to_client, end = ?r.end, "serve: stream ended");
+                    crate::relay::to_end(TokioIo::new(u), stream, timeouts, &cut, &stats, (open, lease), |r| {
+                        tracing::debug!(target = %shown, %local, to_target = r.to_upstream, to_client = r.to_client, end = ?r.end, "serve: stream ended");
+                    })
+                    .await;
                 }
                 Err(e) => {
                     stats.errors.inc();
@@ -466,6 +418,46 @@ impl ServeServer {
             }
         });
         Response::new(Full::new(Bytes::new()))
+    }
+
+    /// The answer to a CONNECT whose target was not dialed, counted.
+    fn not_dialed(&self, shown: &str, e: raw::TargetError) -> Response<Full<Bytes>> {
+        match e {
+            raw::TargetError::Resolve(e) => {
+                self.stats.refused("unreachable");
+                text(StatusCode::BAD_GATEWAY, "resolve", e.to_string())
+            }
+            raw::TargetError::Vetoed(Vetoed {
+                why: Veto::Loop(why),
+                ..
+            }) => {
+                self.stats.refused("denied");
+                text(StatusCode::LOOP_DETECTED, "loop", why)
+            }
+            raw::TargetError::Vetoed(Vetoed {
+                addr,
+                why: Veto::Denied(d),
+            }) => {
+                self.stats.refused("denied");
+                let why = match d {
+                    Denial::Rule { rule, .. } => {
+                        format!("resolves to {addr}, denied by rule `{rule}`")
+                    }
+                    other => other.to_string(),
+                };
+                text(StatusCode::FORBIDDEN, "denied", format!("`{shown}` {why}"))
+            }
+            e @ raw::TargetError::Unreachable(_) => {
+                self.stats.refused("unreachable");
+                self.stats.relays.connect_failures.inc();
+                tracing::info!(target = %shown, error = %e, "serve: CONNECT target unreachable");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "connect",
+                    format!("`{shown}`: {e}"),
+                )
+            }
+        }
     }
 }
 

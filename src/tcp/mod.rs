@@ -173,17 +173,11 @@ impl TcpServer {
             lease,
         } = raw;
         let _ = client.set_nodelay(true);
-        let r = relay::relay(
-            client,
-            stream,
-            self.timeouts(),
-            &drain.deadline,
-            &self.stats,
-        )
+        let hold = (in_flight, lease);
+        relay::to_end(client, stream, self.timeouts(), &drain.deadline, &self.stats, hold, |r| {
+            tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %endpoint, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tcp connection ended");
+        })
         .await;
-        tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %endpoint, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tcp connection ended");
-        drop(in_flight);
-        drop(lease);
     }
 
     /// `tunnel`: one CONNECT stream for this client connection.
@@ -202,9 +196,11 @@ impl TcpServer {
         };
         self.stats.opened.inc();
         let _ = client.set_nodelay(true);
-        let r = relay::relay(client, t.io, self.timeouts(), &drain.deadline, &self.stats).await;
-        tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %target, endpoint = %t.endpoint, local = %t.local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tunnel stream ended");
-        drop(t.lease);
+        let (endpoint, local) = (t.endpoint, t.local);
+        relay::to_end(client, t.io, self.timeouts(), &drain.deadline, &self.stats, t.lease, |r| {
+            tracing::debug!(listener = %self.listener, upstream = %up.cfg.name, %target, %endpoint, %local, to_upstream = r.to_upstream, to_client = r.to_client, end = ?r.end, "tunnel stream ended");
+        })
+        .await;
     }
 }
 

@@ -152,7 +152,7 @@ fn decide(
         Rule::OtherEndpoint => {
             let left = b
                 .dials
-                .get_or_insert_with(|| endpoints().saturating_sub(1).min(2));
+                .get_or_insert_with(|| super::raw::other_candidates(endpoints()));
             (*left > 0).then(|| {
                 *left -= 1;
                 Next::Endpoint

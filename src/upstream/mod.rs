@@ -10,6 +10,7 @@ pub mod conn;
 pub mod connect;
 pub mod dialer;
 pub mod pool;
+pub mod raw;
 mod view;
 
 use std::collections::BTreeMap;
@@ -89,8 +90,8 @@ impl Drop for InFlight {
     }
 }
 
-/// Why a resolved address may not be dialed (forward mode: a deny rule on
-/// addresses, or the proxy's own listener, a loop).
+/// Why a resolved address may not be dialed (forward mode and the serve
+/// role: a deny rule on addresses, or the proxy's own listener, a loop).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vetoed {
     pub addr: SocketAddr,
@@ -135,7 +136,7 @@ pub struct Upstream {
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     rr: AtomicUsize,
     epoch: Instant,
-    /// Requests sent a second time (see the retry rules in `http::proxy`).
+    /// Requests sent a second time (the retry rules: `client::decide`).
     pub retries: AtomicU64,
     /// Set when a reload handed this upstream's pools to its successor: its
     /// DNS refresh stops, so only one owner ever swaps or retires them.
@@ -450,37 +451,38 @@ pub enum RawDialError {
 
 impl Upstream {
     /// Dials one endpoint (least in flight, not backing off) through the
-    /// dialer; after a failure, up to two other endpoints, the failed one
-    /// in back-off.
+    /// dialer; after a failure, other endpoints as [`raw::failover`]
+    /// allows, the failed one in back-off.
     ///
     /// # Errors
     /// The last dial's failure (destination, source, errno).
     pub async fn dial_raw(&self) -> Result<RawConn, RawDialError> {
-        let tries = self.endpoints().len().clamp(1, 3);
-        let mut last = RawDialError::NoEndpoint;
-        for _ in 0..tries {
-            let Some(in_flight) = self.pick() else { break };
-            let ep = in_flight.endpoint().clone();
-            match self.dialer.dial(ep.addr).await {
-                Ok(d) => {
-                    self.mark_ok(&ep);
-                    ep.connects.fetch_add(1, Ordering::Relaxed);
-                    return Ok(RawConn {
-                        lease: self.dialer.lease(d.source),
-                        local: d.local,
-                        endpoint: ep.addr,
-                        stream: d.stream,
-                        in_flight,
-                    });
-                }
-                Err(e) => {
-                    ep.record_connect_error(&e);
-                    self.mark_failed(&ep);
-                    last = e.into();
-                }
+        let dialer = &*self.dialer;
+        let dialed = raw::failover(
+            || self.endpoints().len(),
+            || self.pick(),
+            |f: &InFlight| dialer.dial(f.endpoint().addr),
+            |f, e| {
+                f.endpoint().record_connect_error(e);
+                self.mark_failed(f.endpoint());
+            },
+        )
+        .await;
+        match dialed {
+            Ok((in_flight, d)) => {
+                let ep = in_flight.endpoint();
+                self.mark_ok(ep);
+                ep.connects.fetch_add(1, Ordering::Relaxed);
+                Ok(RawConn {
+                    lease: self.dialer.lease(d.source),
+                    local: d.local,
+                    endpoint: ep.addr,
+                    stream: d.stream,
+                    in_flight,
+                })
             }
+            Err(last) => Err(last.map_or(RawDialError::NoEndpoint, RawDialError::Dial)),
         }
-        Err(last)
     }
 }
 
